@@ -848,9 +848,10 @@ def train(recipe, args):
         metrics = evaluate(ddp_model, val_loader, device, amp_dtype, world)
         is_best = metrics["top1"] > best
         best = max(best, metrics["top1"])
-        row = dict(epoch=epoch + 1, lr=lr, train_loss=round(train_loss, 5),
+        row = dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=round(train_loss, 5),
                    top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
                    val_loss=round(metrics["loss"], 5), best_top1=round(best, 3),
+                   val_images=metrics["images"],
                    train_img_s=round(steps * per_device * world / train_time, 1),
                    epoch_s=round(time.perf_counter() - t0, 1))
         log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
@@ -983,6 +984,8 @@ def resolve(recipe):
     recipe = dict(recipe)
     if recipe.get("eval_resize") is None:
         recipe["eval_resize"] = math.floor(recipe["eval_size"] / recipe["crop_pct"])
+    if recipe.get("auto_augment"):
+        parse_rand_augment(recipe["auto_augment"])  # a typo fails now, not after data loading
     return recipe
 
 
