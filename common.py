@@ -390,6 +390,8 @@ def augment_op(img, name, magnitude, fill=(128, 128, 128), resample=Image.BICUBI
         return img.rotate(_signed(level * 30.0), **affine)
     if name in ("Posterize", "PosterizeIncreasing"):
         bits = int(level * 4) if name == "Posterize" else 4 - int(level * 4)
+        if bits <= 0:  # Pillow >= 13 refuses 0 bits; older Pillow (and so timm) gave black
+            return img.point(lambda _: 0)
         return img if bits >= 8 else ImageOps.posterize(img, bits)
     if name in ("Solarize", "SolarizeIncreasing"):
         thresh = min(256, int(level * 256))
@@ -425,7 +427,7 @@ def rand_augment(img, cfg, fill, resample):
             m = random.uniform(0, m)
         elif cfg["mstd"] > 0:
             m = random.gauss(m, cfg["mstd"])
-        img = augment_op(img, name, max(0.0, min(m, cfg["mmax"])), fill, resample)
+        img = augment_op(img, name, max(0.0, min(m, cfg["mmax"] or 10.0)), fill, resample)
     return img
 
 
@@ -449,11 +451,13 @@ def mix_params(rng, mixup, cutmix, switch_prob=0.5):
 
 def cutmix_box(height, width, lam, cy, cx):
     """Box of side ratio sqrt(1 - lam) centred at (cy, cx), clipped to the image; lam is
-    recomputed from the clipped area (timm rand_bbox + cutmix_bbox_and_lam, correct_lam)."""
+    recomputed from the clipped area (timm rand_bbox + cutmix_bbox_and_lam, correct_lam).
+    timm 1.0 spans exactly cut_h rows; the 2021 timm of the RSB runs spanned 2 * (cut_h // 2),
+    one row fewer for an odd cut_h. We follow the current code, whose box matches the paper."""
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
-    yl, yh = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    xl, xh = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    yl, yh = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    xl, xh = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
     return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
 
 
@@ -464,7 +468,8 @@ def mix_batch(x, target, num_classes, lam, box=None, smoothing=0.0):
         yl, yh, xl, xh = box
         x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
     elif lam != 1.0:
-        x.mul_(lam).add_(x.flip(0).mul_(1.0 - lam))
+        flipped = x.flip(0).mul_(1.0 - lam)
+        x.mul_(lam).add_(flipped)
     y = smooth_one_hot(target, num_classes, smoothing)
     return x, y * lam + y.flip(0) * (1.0 - lam)
 

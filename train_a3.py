@@ -54,7 +54,7 @@ RECIPE = dict(
 )
 
 # --demo: ResNet-18 on the generated 8-class shapes at 48 px; a few minutes on a laptop CPU
-DEMO = dict(model="resnet18", epochs=12, warmup_epochs=1, batch_size=32, lr=8e-3,
+DEMO = dict(model="resnet18", epochs=30, warmup_epochs=1, batch_size=32, lr=8e-3,
             train_size=48, eval_size=48, crop_pct=1.0)
 
 if __name__ == "__main__":
