@@ -671,6 +671,15 @@ def evaluate(model, loader, device, amp_dtype=None, world=1):
                 loss=sums[0].item() / n, images=int(sums[3].item()))
 
 
+def average_bn_stats(model, world):
+    """timm train.py --dist-bn reduce (its default): BN running stats averaged over ranks
+    before each evaluation and checkpoint."""
+    for name, buf in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            dist.all_reduce(buf)
+            buf.div_(world)
+
+
 def save_checkpoint(path, state):
     """Written to a temporary file, then renamed: a crash mid-save never loses the last one."""
     tmp = Path(str(path) + ".tmp")
@@ -850,7 +859,11 @@ def train(recipe, args):
                             f" {out / 'last.pth'} still holds the last good epoch: resume it with"
                             " --resume auto and a lower --lr")
         train_time = time.perf_counter() - t0
-        metrics = evaluate(ddp_model, val_loader, device, amp_dtype, world)
+        if world > 1:
+            average_bn_stats(model, world)
+        # the plain model: ranks may hold different numbers of eval batches, and DDP's forward
+        # could wait on a collective
+        metrics = evaluate(model, val_loader, device, amp_dtype, world)
         is_best = metrics["top1"] > best
         best = max(best, metrics["top1"])
         row = dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=round(train_loss, 5),
