@@ -687,6 +687,19 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def link_checkpoint(src, dst):
+    """dst becomes the same file as src without writing it again (a hard link where the file
+    system has them); the next save of src makes a new file, so dst keeps this one."""
+    tmp = Path(str(dst) + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
@@ -881,7 +894,7 @@ def train(recipe, args):
                          best_top1=best, metrics=row, recipe=recipe, classes=train_set.classes)
             save_checkpoint(out / "last.pth", state)
             if is_best:
-                save_checkpoint(out / "best.pth", state)
+                link_checkpoint(out / "last.pth", out / "best.pth")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

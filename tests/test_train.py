@@ -102,3 +102,12 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     assert row["val_images"] == 16  # every val image counted once across the two ranks
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["batch_size"] == 14 and recipe["lr"] == pytest.approx(8e-3 * 14 / 15)
+
+
+def test_gradient_accumulation_run(tiny_data, tmp_path):
+    """--device-batch 8 of a global 16: two accumulation steps per update, the recipe's lr."""
+    out = tmp_path / "accum"
+    res = train(tiny_data, out, "--epochs", "1", "--device-batch", "8")
+    assert res.returncode == 0, res.stderr
+    assert "8 images per device x 2 accumulation step(s) = global batch 16" in res.stdout
+    assert json.loads((out / "recipe.json").read_text())["lr"] == 8e-3
