@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -695,7 +696,6 @@ def link_checkpoint(src, dst):
     try:
         os.link(src, tmp)
     except OSError:
-        import shutil
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
@@ -970,7 +970,6 @@ def make_demo_data(root, train_per_class=60, val_per_class=20, size=72, classes=
     try:
         os.rename(tmp, root)
     except OSError:  # another process made it first
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
