@@ -23,6 +23,12 @@ def train(data, out, *extra, runner=(sys.executable,)):
                           timeout=600, env=env)
 
 
+def eval_cli(checkpoint, data, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint),
+                           "--data", str(data), "--workers", "0", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
 def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -38,9 +44,7 @@ def test_train_then_eval_then_resume(tiny_data, tmp_path):
     assert recipe["model"] == "resnet18" and recipe["lr"] == 8e-3
 
     best = max(rows(out), key=lambda r: r["top1"])
-    ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint",
-                         str(out / "best.pth"), "--data", str(tiny_data), "--workers", "0"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ev = eval_cli(out / "best.pth", tiny_data)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)
     assert result["images"] == 16 and result["eval_size"] == 32
@@ -71,9 +75,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tiny_data, tmp_path):
 def test_eval_rejects_checkpoint_of_another_model(tiny_data, tmp_path):
     path = tmp_path / "r50.pth"
     torch.save(common.create_model("resnet50", num_classes=4).state_dict(), path)
-    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(path),
-                          "--data", str(tiny_data), "--model", "resnet18", "--workers", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = eval_cli(path, tiny_data, "--model", "resnet18")
     assert res.returncode == 2 and "does not fit the model" in res.stderr
     assert res.stderr.strip().count("\n") == 0
 
@@ -82,9 +84,7 @@ def test_eval_loads_a_plain_torchvision_state_dict(tiny_data, tmp_path):
     import torchvision
     path = tmp_path / "tv.pth"
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
-    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(path),
-                          "--data", str(tiny_data / "val"), "--eval-size", "32", "--workers",
-                          "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = eval_cli(path, tiny_data / "val", "--eval-size", "32")
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     assert result["model"] == "resnet18" and result["images"] == 16
@@ -111,3 +111,33 @@ def test_gradient_accumulation_run(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "8 images per device x 2 accumulation step(s) = global batch 16" in res.stdout
     assert json.loads((out / "recipe.json").read_text())["lr"] == 8e-3
+
+
+def _bn_worker(rank, world, port, results):
+    import torch.distributed as dist
+    from timm.utils import distribute_bn
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(rank)
+    ours = common.create_model("resnet18", num_classes=3)
+    ours.train()(torch.randn(4, 3, 32, 32))  # rank-specific running stats
+    ref = common.create_model("resnet18", num_classes=3)
+    ref.load_state_dict(ours.state_dict())
+    common.average_bn_stats(ours, world)
+    distribute_bn(ref, world, reduce=True)
+    results[rank] = {k: v.clone() for k, v in ours.state_dict().items()}, ref.state_dict()
+    dist.destroy_process_group()
+
+
+def test_average_bn_stats_equals_timm_distribute_bn():
+    """2 gloo processes with different BN stats: ours == timm.utils.distribute_bn(reduce=True),
+    exactly, and both ranks end with the same stats."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_bn_worker, args=(2, 29533, results), nprocs=2)
+    (ours0, ref0), (ours1, _) = results[0], results[1]
+    for k in ours0:
+        assert torch.equal(ours0[k], ref0[k]), k
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.equal(ours0[k], ours1[k]), k
+    assert not torch.equal(ours0["bn1.running_mean"], torch.zeros(64))
