@@ -9,6 +9,7 @@ torchvision's references/classification, "RSB" is the ResNet strikes back paper.
 import argparse
 import contextlib
 import difflib
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +49,35 @@ def drop_path(x, rate, training):
     return x * mask.div_(keep)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2017) with timm's SEModule layout: 1x1 convs with bias
+    named fc1/fc2, ReLU between, sigmoid gate."""
+
+    def __init__(self, channels, ratio):
+        super().__init__()
+        # timm make_divisible(channels * ratio, 8, round_limit=0): nearest multiple of 8, >= 8
+        hidden = max(8, int(channels * ratio + 4) // 8 * 8)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        s = F.relu(self.fc1(x.mean((2, 3), keepdim=True)), inplace=True)
+        return x * torch.sigmoid(self.fc2(s))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, drop_path_rate=0.0):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, drop_path_rate=0.0,
+                 groups=1, base_width=64, se_ratio=0.0):
         super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock has no groups or base width (as tv and timm)")
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.se = SqueezeExcite(planes, se_ratio) if se_ratio else None
         self.downsample = downsample
         self.drop_path_rate = drop_path_rate
 
@@ -66,6 +88,8 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
         x = drop_path(x, self.drop_path_rate, self.training)
         return F.relu(x + shortcut, inplace=True)
 
@@ -73,15 +97,21 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, drop_path_rate=0.0):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, drop_path_rate=0.0,
+                 groups=1, base_width=64, se_ratio=0.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        # tv/timm: ResNeXt-50 32x4d has 32 groups of 4 channels in stage 1 (width 128), Wide
+        # ResNet-50-2 base width 128 (width 128); plain ResNet width == planes
+        width = int(planes * base_width / 64) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         # stride on the 3x3 conv ("ResNet v1.5"), as torchvision and timm
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
+        # timm (and the TF ResNet-RS code): SE on the expanded output, after bn3, before drop path
+        self.se = SqueezeExcite(planes * 4, se_ratio) if se_ratio else None
         self.downsample = downsample
         self.drop_path_rate = drop_path_rate
 
@@ -93,18 +123,59 @@ class Bottleneck(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
         x = drop_path(x, self.drop_path_rate, self.training)
         return F.relu(x + shortcut, inplace=True)
 
 
+def projection(inplanes, outplanes, stride, avg_down):
+    """The shortcut of a block that changes shape: strided 1x1 conv + BN, or with avg_down
+    (ResNet-D, Bag of Tricks §4.2) a 2x2 average pool then a 1x1 conv + BN, so the shortcut
+    sees every pixel instead of one in four."""
+    if not avg_down:
+        return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
+                             nn.BatchNorm2d(outplanes))
+    # timm: ceil_mode keeps the last row/column of an odd map (matching the strided 3x3 conv of
+    # the main path) and averages it alone, as TF's "SAME" pooling of the ResNet-RS weights
+    pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1
+            else nn.Identity())
+    return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, 1, bias=False),
+                         nn.BatchNorm2d(outplanes))
+
+
 class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, dropout=0.0, drop_path_rate=0.0):
+    """stem "plain": 7x7 conv; "deep": ResNet-C/D three 3x3 convs 32 -> 32 -> 64 (timm
+    stem_type="deep", stem_width=32). stem_pool "max": 3x3 max pool; "conv": ResNet-RS's stride-2
+    3x3 conv + BN + ReLU. avg_down: ResNet-D shortcuts. groups / base_width: ResNeXt and wide
+    bottlenecks. se_ratio: squeeze-excite in every block (0 = none). zero_init_last=False keeps
+    the last BN gamma of each block at one (tv's zero_init_residual=False)."""
+
+    def __init__(self, block, layers, num_classes=1000, dropout=0.0, drop_path_rate=0.0,
+                 stem="plain", stem_pool="max", avg_down=False, groups=1, base_width=64,
+                 se_ratio=0.0, zero_init_last=True):
         super().__init__()
         self.num_classes = num_classes
         self.dropout = dropout
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        if stem == "plain":
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        elif stem == "deep":
+            # one Sequential so the keys are timm's conv1.0 / .1 / .3 / .4 / .6
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 64, 3, 1, 1, bias=False))
+        else:
+            raise ValueError(f"stem must be 'plain' or 'deep', not {stem!r}")
         self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        # timm keeps the name maxpool for the conv that replaces it (keys maxpool.0 / .1)
+        if stem_pool == "max":
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        elif stem_pool == "conv":
+            self.maxpool = nn.Sequential(nn.Conv2d(64, 64, 3, 2, 1, bias=False),
+                                         nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        else:
+            raise ValueError(f"stem_pool must be 'max' or 'conv', not {stem_pool!r}")
         inplanes, index, total = 64, 0, sum(layers)
         for stage, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
             blocks = []
@@ -112,21 +183,22 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and b == 0 else 1
                 downsample = None
                 if b == 0 and (stride != 1 or inplanes != planes * block.expansion):
-                    downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                        nn.BatchNorm2d(planes * block.expansion))
+                    downsample = projection(inplanes, planes * block.expansion, stride, avg_down)
                 # timm: block i of N drops with rate drop_path * i / (N - 1)
                 rate = drop_path_rate * index / max(total - 1, 1)
-                blocks.append(block(inplanes, planes, stride, downsample, rate))
+                blocks.append(block(inplanes, planes, stride, downsample, rate,
+                                    groups, base_width, se_ratio))
                 inplanes, index = planes * block.expansion, index + 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
+        # timm: every conv, the SE 1x1 convs included (their biases keep PyTorch's default)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():
-            if hasattr(m, "zero_init_last"):  # RSB / timm: zero gamma of the last BN of a block
-                m.zero_init_last()
+        if zero_init_last:  # RSB / timm: zero gamma of the last BN of a block
+            for m in self.modules():
+                if hasattr(m, "zero_init_last"):
+                    m.zero_init_last()
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
@@ -136,31 +208,63 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+# ResNet-RS (Bello et al. 2021, timm resnetrs*): ResNet-D stem and shortcuts, the stem max pool
+# replaced by a strided conv, SE with ratio 1/4 in every block
+RESNET_RS = dict(stem="deep", stem_pool="conv", avg_down=True, se_ratio=0.25)
+
+# name -> (block, blocks per stage, ResNet options); names and layouts are timm's
 MODELS = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-    "resnet152": (Bottleneck, (3, 8, 36, 3)),
-    "resnet200": (Bottleneck, (3, 24, 36, 3)),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), {}),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), {}),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), {}),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), {}),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), {}),
+    "resnet200": (Bottleneck, (3, 24, 36, 3), {}),
+    "resnet50d": (Bottleneck, (3, 4, 6, 3), dict(stem="deep", avg_down=True)),
+    "seresnet50": (Bottleneck, (3, 4, 6, 3), dict(se_ratio=1 / 16)),  # timm SEModule default
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), dict(groups=32, base_width=4)),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), dict(base_width=128)),
+    "resnetrs50": (Bottleneck, (3, 4, 6, 3), RESNET_RS),
+    "resnetrs101": (Bottleneck, (3, 4, 23, 3), RESNET_RS),
+    "resnetrs152": (Bottleneck, (3, 8, 36, 3), RESNET_RS),
+    "resnetrs200": (Bottleneck, (3, 24, 36, 3), RESNET_RS),
+    "resnetrs270": (Bottleneck, (4, 29, 53, 4), RESNET_RS),
+    "resnetrs350": (Bottleneck, (4, 36, 72, 4), RESNET_RS),
+    "resnetrs420": (Bottleneck, (4, 44, 87, 4), RESNET_RS),
 }
 
 
-def create_model(name, num_classes=1000, dropout=0.0, drop_path=0.0):
+def create_model(name, num_classes=1000, dropout=0.0, drop_path=0.0, zero_init_last=True):
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    block, layers = MODELS[name]
-    return ResNet(block, layers, num_classes, dropout, drop_path)
+    block, layers, options = MODELS[name]
+    return ResNet(block, layers, num_classes, dropout, drop_path, zero_init_last=zero_init_last,
+                  **options)
 
 
 def model_name_from_state_dict(sd):
-    """Which of MODELS a plain ResNet state dict (ours, torchvision's, timm's) belongs to."""
+    """Which of MODELS a ResNet state dict (ours, torchvision's, timm's) belongs to: the one with
+    exactly its keys and shapes, whatever the number of classes."""
+    def layout(state):
+        return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+
     bottleneck = "layer1.0.conv3.weight" in sd
     depths = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")})
                    for i in range(1, 5))
-    for name, (block, layers) in MODELS.items():
-        if (block is Bottleneck) == bottleneck and tuple(layers) == depths:
+    wanted, same_depths = layout(sd), []
+    for name, (block, layers, options) in MODELS.items():
+        if (block is Bottleneck) != bottleneck or tuple(layers) != depths:
+            continue
+        same_depths.append(name)
+        # on the meta device: the layout without allocating or initialising any weights
+        with torch.device("meta"):
+            candidate = ResNet(block, layers, 1, **options)
+        if layout(candidate.state_dict()) == wanted:
             return name
+    if same_depths:
+        raise UserError(f"checkpoint has the blocks per stage {depths} of "
+                        f"{', '.join(same_depths)} but not their layers (stem, shortcut, SE or "
+                        f"width differ)")
     raise UserError(f"checkpoint is not a ResNet this repo knows (blocks per stage {depths})")
 
 
@@ -287,14 +391,18 @@ def center_crop(img, size):
 
 
 class TrainTransform:
-    """timm's transforms_imagenet_train with the prefetcher: RandomResizedCrop, flip,
-    RandAugment, then uint8 out; normalisation happens on the device (normalize())."""
+    """timm's transforms_imagenet_train with the prefetcher: RandomResizedCrop, flip, then
+    RandAugment (a timm "rand-..." string) or TrivialAugment Wide ("ta_wide", tv's recipe), then
+    uint8 out; normalisation and erasing happen on the device. Draws as timm: the crop from
+    `random`, the flip from torch (tv's RandomHorizontalFlip), RandAugment's ops from numpy."""
 
     def __init__(self, size, interpolation="bicubic", auto_augment=None, hflip=0.5,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN):
         self.size, self.interpolation, self.hflip = size, interpolation, hflip
         self.scale, self.ratio = scale, ratio
-        self.rand_augment = parse_rand_augment(auto_augment) if auto_augment else None
+        self.trivial_augment = auto_augment == "ta_wide"
+        self.rand_augment = (parse_rand_augment(auto_augment)
+                             if auto_augment and not self.trivial_augment else None)
         # timm: RandAugment fills with the dataset mean and resamples with the train interpolation
         self.fill = tuple(min(255, round(255 * m)) for m in mean)
 
@@ -302,9 +410,11 @@ class TrainTransform:
         top, left, h, w = random_resized_crop_params(*img.size, self.scale, self.ratio)
         img = img.crop((left, top, left + w, top + h))
         img = img.resize((self.size, self.size), INTERPOLATION[self.interpolation])
-        if random.random() < self.hflip:
+        if self.hflip > 0 and torch.rand(1) < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.rand_augment:
+        if self.trivial_augment:
+            img = trivial_augment(img, INTERPOLATION[self.interpolation])
+        elif self.rand_augment:
             img = rand_augment(img, self.rand_augment, self.fill,
                                INTERPOLATION[self.interpolation])
         return to_uint8(img)
@@ -329,7 +439,7 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 # ==================================================================================================
-# Augment: RandAugment (timm's variant), Mixup + CutMix
+# Augment: RandAugment (timm's), TrivialAugment (tv's), random erasing, Mixup + CutMix
 # ==================================================================================================
 
 # timm _RAND_TRANSFORMS and _RAND_INCREASING_TRANSFORMS ("inc1"): same 15 ops, but the
@@ -419,8 +529,11 @@ def augment_op(img, name, magnitude, fill=(128, 128, 128), resample=Image.BICUBI
 
 def rand_augment(img, cfg, fill, resample):
     """n ops drawn uniformly with replacement; each applied with probability p at a magnitude
-    drawn from N(m, mstd) clamped to [0, mmax] (timm's RandAugment and AugmentOp)."""
-    for name in random.choices(cfg["ops"], k=cfg["n"]):
+    drawn from N(m, mstd) clamped to [0, mmax] (timm's RandAugment and AugmentOp). timm draws
+    the ops with np.random.choice from numpy's global RNG (seeded per worker by worker_init) and
+    the rest from `random`: the same here, so seeding both gives timm's image."""
+    for index in np.random.choice(len(cfg["ops"]), cfg["n"]):
+        name = cfg["ops"][index]
         if cfg["p"] < 1.0 and random.random() > cfg["p"]:
             continue
         m = cfg["m"]
@@ -430,6 +543,187 @@ def rand_augment(img, cfg, fill, resample):
             m = random.gauss(m, cfg["mstd"])
         img = augment_op(img, name, max(0.0, min(m, cfg["mmax"] or 10.0)), fill, resample)
     return img
+
+
+# TrivialAugment Wide (Muller & Hutter 2021), the "ta_wide" of tv's recipe
+
+def trivial_augment_space(num_bins=31):
+    """tv TrivialAugmentWide._augmentation_space: op -> (magnitudes, signed), in tv's order (the
+    op index is drawn over it). Magnitudes are built with torch as tv does, so each is the same
+    float32 value; () marks the ops without a magnitude (no draw for them)."""
+    def bins(top):
+        return tuple(torch.linspace(0.0, top, num_bins).tolist())
+
+    bits = 8 - (torch.arange(num_bins) / ((num_bins - 1) / 6)).round().int()
+    return {
+        "Identity": ((), False),
+        "ShearX": (bins(0.99), True),
+        "ShearY": (bins(0.99), True),
+        "TranslateX": (bins(32.0), True),
+        "TranslateY": (bins(32.0), True),
+        "Rotate": (bins(135.0), True),
+        "Brightness": (bins(0.99), True),
+        "Color": (bins(0.99), True),
+        "Contrast": (bins(0.99), True),
+        "Sharpness": (bins(0.99), True),
+        "Posterize": (tuple(float(b) for b in bits.tolist()), False),
+        "Solarize": (tuple(torch.linspace(255.0, 0.0, num_bins).tolist()), False),
+        "AutoContrast": ((), False),
+        "Equalize": ((), False),
+    }
+
+
+TRIVIAL_AUGMENT_WIDE = trivial_augment_space(31)
+TA_ENHANCE = {"Brightness": ImageEnhance.Brightness, "Color": ImageEnhance.Color,
+              "Contrast": ImageEnhance.Contrast, "Sharpness": ImageEnhance.Sharpness}
+
+
+def _tv_fill(fill, img):
+    """tv _functional_pil._parse_fill: None is black; a number or a 1-list fills every band."""
+    bands = len(img.getbands())
+    if fill is None:
+        fill = 0
+    if isinstance(fill, (int, float)):
+        return int(fill) if bands == 1 else (int(fill),) * bands
+    fill = tuple(fill) * bands if len(fill) == 1 else tuple(fill)
+    return tuple(int(v) for v in fill)
+
+
+def _tv_affine_matrix(center, angle, translate, shear):
+    """tv functional._get_inverse_affine_matrix at scale 1, the same float operations in the same
+    order: the output pixels depend on the last bit of the matrix."""
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    cx, cy = center
+    tx, ty = translate
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
+    matrix = [d, -b, 0.0, -c, a, 0.0]
+    matrix[2] += matrix[0] * (-cx - tx) + matrix[1] * (-cy - ty)
+    matrix[5] += matrix[3] * (-cx - tx) + matrix[4] * (-cy - ty)
+    matrix[2] += cx
+    matrix[5] += cy
+    return matrix
+
+
+def trivial_augment_op(img, name, magnitude, resample=Image.BILINEAR, fill=None):
+    """One TrivialAugmentWide op with its signed magnitude, as tv's _apply_op on a PIL image."""
+    fillcolor = _tv_fill(fill, img)
+    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+        w, h = img.size
+        # tv: shears are given to affine as angles (atan of the magnitude) about the top-left
+        # corner, translations as whole pixels (int truncates) about the image centre
+        shear = math.degrees(math.atan(magnitude))
+        if name == "ShearX":
+            matrix = _tv_affine_matrix([0, 0], 0.0, [0, 0], [shear, 0.0])
+        elif name == "ShearY":
+            matrix = _tv_affine_matrix([0, 0], 0.0, [0, 0], [0.0, shear])
+        elif name == "TranslateX":
+            matrix = _tv_affine_matrix([w * 0.5, h * 0.5], 0.0, [int(magnitude), 0], [0.0, 0.0])
+        else:
+            matrix = _tv_affine_matrix([w * 0.5, h * 0.5], 0.0, [0, int(magnitude)], [0.0, 0.0])
+        return img.transform(img.size, Image.AFFINE, matrix, resample, fillcolor=fillcolor)
+    if name == "Rotate":
+        return img.rotate(magnitude, resample, False, None, fillcolor=fillcolor)
+    if name in TA_ENHANCE:
+        return TA_ENHANCE[name](img).enhance(1.0 + magnitude)
+    if name == "Posterize":
+        return ImageOps.posterize(img, int(magnitude))
+    if name == "Solarize":
+        return ImageOps.solarize(img, magnitude)
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Identity":
+        return img
+    raise ValueError(f"unknown TrivialAugment op {name}")
+
+
+def trivial_augment(img, resample=Image.BILINEAR, fill=None):
+    """TrivialAugment Wide (Muller & Hutter 2021) as tv's TrivialAugmentWide: one op drawn
+    uniformly, one of its 31 magnitude bins, then a sign, all from torch's RNG in tv's order, so
+    a torch seed gives tv's image. tv's recipe passes no fill: black."""
+    names = list(TRIVIAL_AUGMENT_WIDE)
+    name = names[int(torch.randint(len(names), (1,)).item())]
+    magnitudes, signed = TRIVIAL_AUGMENT_WIDE[name]
+    magnitude = 0.0
+    if magnitudes:
+        magnitude = magnitudes[int(torch.randint(len(magnitudes), (1,)).item())]
+    if signed and torch.randint(2, (1,)):
+        magnitude = -magnitude
+    return trivial_augment_op(img, name, magnitude, resample, fill)
+
+
+# Random erasing (Zhong et al. 2017): timm's on the device, tv's constant-value variant
+
+def random_erasing(x, prob, count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                   mode="pixel"):
+    """timm RandomErasing as its PrefetchLoader applies it (--reprob, --recount, --remode): in
+    place on the normalised float NCHW batch, on the batch's device. Geometry from python's
+    `random` and the noise from torch on the batch's device, call for call as timm, so the same
+    seeds give the same pixels. count > 1 is timm's max_count: each erased image gets
+    randint(1, count) boxes, each of 1/boxes of the sampled area."""
+    if prob <= 0:  # timm builds no RandomErasing then, so draws nothing
+        return x
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"random erasing mode {mode!r} is not 'pixel', 'rand' or 'const'")
+    n, channels, height, width = x.shape
+    area = height * width
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    for i in range(n):
+        if random.random() > prob:
+            continue
+        boxes = random.randint(1, count) if count > 1 else 1  # timm: min_count 1, no draw at 1
+        for _ in range(boxes):
+            for _ in range(10):
+                target_area = random.uniform(min_area, max_area) * area / boxes
+                aspect = math.exp(random.uniform(*log_aspect))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < width and h < height:
+                    top = random.randint(0, height - h)
+                    left = random.randint(0, width - w)
+                    if mode == "const":
+                        x[i, :, top:top + h, left:left + w] = 0
+                    else:
+                        shape = (channels, h, w) if mode == "pixel" else (channels, 1, 1)
+                        x[i, :, top:top + h, left:left + w] = torch.empty(
+                            shape, dtype=x.dtype, device=x.device).normal_()
+                    break
+    return x
+
+
+def tv_random_erasing(x, prob, value=0.0, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+    """tv's RandomErasing (references/classification: p = --random-erase, value 0, after
+    Normalize), on the whole normalised batch on its device, in place. Per image the same torch
+    CPU draws as tv's forward + get_params, so a batch erased here with torch seeded equals tv's
+    transform applied image by image after the same seed. One box at most; an image where no
+    sampled box fits in 10 tries is left alone, as tv does."""
+    if prob <= 0:  # tv's preset adds no RandomErasing then
+        return x
+    height, width = x.shape[-2:]
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as tv: the bounds are rounded alike
+    if isinstance(value, (int, float)):
+        fill = float(value)
+    else:
+        fill = torch.tensor(value, dtype=x.dtype, device=x.device)[:, None, None]
+    for i in range(x.shape[0]):
+        if not torch.rand(1) < prob:
+            continue
+        for _ in range(10):
+            erase_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            h = int(round(math.sqrt(erase_area * aspect)))
+            w = int(round(math.sqrt(erase_area / aspect)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+                x[i, :, top:top + h, left:left + w] = fill
+                break
+    return x
 
 
 def smooth_one_hot(target, num_classes, smoothing=0.0):
@@ -462,26 +756,95 @@ def cutmix_box(height, width, lam, cy, cx):
     return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
 
 
-def mix_batch(x, target, num_classes, lam, box=None, smoothing=0.0):
-    """Mix sample i with sample N-1-i in place (the batch flipped), soft targets to match.
-    An odd batch is fine: its middle sample is mixed with itself."""
+def cutmix_box_tv(height, width, lam, cy, cx):
+    """tv's RandomCutmix box: half-sides int(0.5 sqrt(1 - lam) * side) around (cy, cx),
+    clipped, lam recomputed from the clipped area."""
+    r = 0.5 * math.sqrt(1.0 - lam)
+    half_h, half_w = int(r * height), int(r * width)
+    yl, yh = max(cy - half_h, 0), min(cy + half_h, height)
+    xl, xh = max(cx - half_w, 0), min(cx + half_w, width)
+    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
+
+
+def mix_batch(x, target, num_classes, lam, box=None, smoothing=0.0, partner="flip"):
+    """Mix each sample with a partner in place, soft targets to match. timm's partner of
+    sample i is N-1-i (the batch flipped: an odd batch mixes its middle sample with itself);
+    tv's is i-1 (the batch rolled by one)."""
+    def other(t):
+        return t.flip(0) if partner == "flip" else t.roll(1, 0)
     if box is not None:
         yl, yh, xl, xh = box
-        x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+        x[:, :, yl:yh, xl:xh] = other(x)[:, :, yl:yh, xl:xh]
     elif lam != 1.0:
-        flipped = x.flip(0).mul_(1.0 - lam)
-        x.mul_(lam).add_(flipped)
+        mixed = other(x).mul_(1.0 - lam)
+        x.mul_(lam).add_(mixed)
     y = smooth_one_hot(target, num_classes, smoothing)
-    return x, y * lam + y.flip(0) * (1.0 - lam)
+    return x, y * lam + other(y) * (1.0 - lam)
 
 
-def mixup_cutmix(x, target, num_classes, mixup, cutmix, smoothing, rng):
+def mixup_cutmix(x, target, num_classes, mixup, cutmix, smoothing, rng, style="timm"):
+    """One of Mixup / CutMix for the batch (timm Mixup mode 'batch'; tv RandomChoice of its
+    RandomMixup / RandomCutmix, the same draw); label smoothing is applied before mixing,
+    which equals tv's smoothing inside the loss (both are linear)."""
     lam, use_cutmix = mix_params(rng, mixup, cutmix)
     box = None
     if use_cutmix:
         h, w = x.shape[-2:]
-        box, lam = cutmix_box(h, w, lam, int(rng.integers(0, h)), int(rng.integers(0, w)))
-    return mix_batch(x, target, num_classes, lam, box, smoothing)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        box, lam = (cutmix_box if style == "timm" else cutmix_box_tv)(h, w, lam, cy, cx)
+    return mix_batch(x, target, num_classes, lam, box, smoothing,
+                     "flip" if style == "timm" else "roll")
+
+
+# ==================================================================================================
+# Sampler: repeated augmentation (Hoffer et al. 2019; DeiT's RASampler as in timm and tv)
+# ==================================================================================================
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """Each index `repeats` times in a row of an epoch-seeded permutation, the list padded to a
+    multiple of `world` and dealt out rank::world, so the copies of one image land on
+    different ranks (different augmentations in one step). Seeded with seed + epoch: seed 0
+    gives timm's RepeatAugSampler (seeded with the epoch) and tv's RASampler (seed + epoch).
+
+    Unlike timm and tv, which keep floor(len // 256 * 256 / world) samples per rank, each rank
+    yields ceil(len / world), so an epoch has len(dataset) samples, however small the data;
+    where len is a multiple of 256 * world the two are the same. Works in a single process
+    (world 1); with repeats 1 it is DistributedSampler(shuffle=True, drop_last=False).
+    """
+
+    def __init__(self, length, repeats, world=1, rank=0, seed=0, shuffle=True):
+        if int(repeats) != repeats or repeats < 1:
+            raise UserError(f"repeated augmentation needs a whole number >= 1, got {repeats}")
+        if not 0 <= rank < world:
+            raise UserError(f"rank {rank} outside a world of {world}")
+        self.length, self.repeats, self.world, self.rank = length, int(repeats), world, rank
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.num_samples = math.ceil(length / world)
+        self.total_size = math.ceil(length * self.repeats / world) * world
+
+    def epoch_indices(self):
+        """This epoch's full list before it is dealt out: the repeated permutation, padded to a
+        multiple of `world` by wrapping around."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=g)
+        else:
+            order = torch.arange(self.length)
+        indices = torch.repeat_interleave(order, self.repeats).tolist()
+        pad = self.total_size - len(indices)
+        if pad > 0:
+            indices += (indices * math.ceil(pad / len(indices)))[:pad]
+        return indices
+
+    def __iter__(self):
+        return iter(self.epoch_indices()[self.rank::self.world][:self.num_samples])
+
+    def __len__(self):
+        return self.num_samples
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
 
 # ==================================================================================================
@@ -504,7 +867,7 @@ def binary_cross_entropy(logits, target, smoothing=0.0, target_thresh=None):
 
 
 # ==================================================================================================
-# Optim: LAMB (You et al. 2019) exactly as timm's, multi-tensor
+# Optim: LAMB, RMSpropTF, AdamP, SGD (+ AGC) as timm's and tv's, multi-tensor
 # ==================================================================================================
 
 def param_groups(model, weight_decay):
@@ -570,29 +933,476 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_add_(params, update, alpha=-group["lr"])
 
 
+# Unit-wise sums for AGC and AdamP: one flat concatenation and one segmented reduction for
+# a whole list of tensors, no per-parameter loop
+
+def _units(t):
+    """AGC / AdamP channel view: one unit per output channel (dim 0) of a conv / linear weight,
+    the whole tensor for biases, norm weights and scalars."""
+    return t.shape[0] if t.ndim > 1 else 1
+
+
+def _segments(tensors):
+    """(row lengths, units per tensor) for the flat concatenation of `tensors`, on their device."""
+    return _segments_for(tensors[0].device, tuple(tuple(t.shape) for t in tensors))
+
+
+@functools.lru_cache(maxsize=16)
+def _segments_for(device, shapes):
+    # memoised by shapes: building the index tensors every step would cost a host-to-device
+    # copy, which waits for the GPU
+    units = [s[0] if len(s) > 1 else 1 for s in shapes]
+    lengths = [math.prod(s) // u for s, u in zip(shapes, units) for _ in range(u)]
+    return torch.tensor(lengths, device=device), torch.tensor(units, device=device)
+
+
+def _unit_sums(tensors, lengths):
+    # unsafe: the lengths sum to the concatenation's size by construction, and the check would
+    # sync with the device
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True)
+
+
+def _per_tensor(values, tensors):
+    """Views of a per-unit vector shaped to broadcast against each tensor: (C, 1, ..., 1) for a
+    weight, () for a whole-tensor unit."""
+    out = []
+    for v, t in zip(values.split([_units(t) for t in tensors]), tensors):
+        out.append(v.view((-1,) + (1,) * (t.ndim - 1)) if t.ndim > 1 else v.view(()))
+    return out
+
+
+class RMSpropTF(torch.optim.Optimizer):
+    """timm.optim.RMSpropTF as timm's factory builds it for --opt rmsproptf: TensorFlow's RMSprop
+    (eps inside the sqrt, mean square initialised to ones, lr applied inside the momentum buffer),
+    L2 weight decay added to the gradient, not centered."""
+
+    def __init__(self, params, lr, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.0):
+        if lr < 0 or eps < 0 or momentum < 0 or weight_decay < 0 or alpha < 0:
+            raise ValueError(f"RMSpropTF: invalid lr={lr} alpha={alpha} eps={eps} "
+                             f"weight_decay={weight_decay} momentum={momentum}")
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            momentum = group["momentum"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    # timm (TF): ones, where torch's RMSprop starts from zeros, so the first
+                    # steps are small instead of ~lr * sign(grad) / sqrt(1 - alpha)
+                    state["square_avg"] = torch.ones_like(p)
+                if momentum > 0 and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            if group["weight_decay"] != 0:
+                # timm default decoupled_decay=False: L2 on the gradient, so it is divided by the
+                # RMS like the loss gradient; .grad itself is left alone
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            sq = [self.state[p]["square_avg"] for p in params]
+            # timm keeps TF's order of ops: avg += (g^2 - avg) * (1 - alpha)
+            diff = torch._foreach_mul(grads, grads)
+            torch._foreach_sub_(diff, sq)
+            torch._foreach_add_(sq, diff, alpha=1.0 - group["alpha"])
+            del diff
+            # timm RMSpropTF: eps inside the sqrt (TF), so eps=1e-3 acts like ~0.03 outside it
+            rms = torch._foreach_add(sq, group["eps"])
+            torch._foreach_sqrt_(rms)
+            if momentum > 0:
+                # timm lr_in_momentum=True (TF): the buffer accumulates lr-scaled steps, so an
+                # lr change reaches the update gradually instead of rescaling the whole buffer
+                buf = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_mul_(buf, momentum)
+                torch._foreach_addcdiv_(buf, grads, rms, value=group["lr"])
+                torch._foreach_sub_(params, buf)
+            else:
+                torch._foreach_addcdiv_(params, grads, rms, value=-group["lr"])
+        return loss
+
+
+class AdamP(torch.optim.Optimizer):
+    """timm.optim.AdamP (Heo et al. 2021) with the settings of timm's factory for --opt adamp
+    (wd_ratio 0.01, nesterov). Adam with bias correction and decoupled weight decay; for weights
+    with ndim > 1 whose gradient is nearly orthogonal to the weight (scale-invariant weights, e.g.
+    a conv followed by BN), first per output channel, else over the whole tensor, the radial part
+    of the update is removed and the weight decay multiplied by wd_ratio."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1,
+                 wd_ratio=0.01, nesterov=True):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
+                                      nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            # timm counts steps per parameter (a tensor without a gradient keeps its count), so
+            # the bias corrections are per-tensor scalars
+            sqrt_bc2, neg_step = [], []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                sqrt_bc2.append(math.sqrt(1 - beta2 ** state["step"]))
+                neg_step.append(-group["lr"] / (1 - beta1 ** state["step"]))
+            grads = [p.grad for p in params]
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, sqrt_bc2)
+            torch._foreach_add_(denom, group["eps"])
+            if group["nesterov"]:
+                # timm/clovaai: beta1 * m_t + (1 - beta1) * g_t, divided by the same lr / (1 -
+                # beta1^t) as plain Adam (NAdam would use 1 - beta1^(t+1) for the m_t term)
+                perturb = torch._foreach_mul(m, beta1)
+                torch._foreach_add_(perturb, grads, alpha=1 - beta1)
+                torch._foreach_div_(perturb, denom)
+            else:
+                perturb = torch._foreach_div(m, denom)
+            del denom
+            nd = [i for i, p in enumerate(params) if p.ndim > 1]
+            flat = [i for i, p in enumerate(params) if p.ndim <= 1]
+            if nd:
+                ratio = self._project([params[i] for i in nd], [grads[i] for i in nd],
+                                      [perturb[i] for i in nd], group)
+            if group["weight_decay"] > 0:
+                # decoupled and applied before the step, to the weight the projection looked at
+                lr_wd = group["lr"] * group["weight_decay"]
+                if flat:
+                    torch._foreach_mul_([params[i] for i in flat], 1.0 - lr_wd)
+                if nd:
+                    torch._foreach_mul_([params[i] for i in nd],
+                                        list((1.0 - lr_wd * ratio).unbind()))
+            torch._foreach_mul_(perturb, neg_step)
+            torch._foreach_add_(params, perturb)
+        return loss
+
+    @staticmethod
+    def _project(params, grads, perturb, group):
+        """timm adamp.projection for every tensor at once; `perturb` is updated in place.
+        Returns the per-tensor weight-decay factor: wd_ratio where projected, else 1."""
+        eps, delta = group["eps"], group["delta"]
+        lengths, units = _segments(params)
+        dot_gp = _unit_sums(torch._foreach_mul(grads, params), lengths)
+        sq_g = _unit_sums(torch._foreach_mul(grads, grads), lengths)
+        sq_p = _unit_sums(torch._foreach_mul(params, params), lengths)
+        dot_pu = _unit_sums(torch._foreach_mul(params, perturb), lengths)
+        n = len(params)
+
+        def per_tensor(x):  # timm's layer view: whole-tensor sums from the channel sums
+            return torch.segment_reduce(x, "sum", lengths=units, unsafe=True)
+
+        dtype, device = sq_p.dtype, sq_p.device
+        numel = per_tensor(lengths.to(dtype))
+        fan_in = numel / units.to(dtype)
+        # F.cosine_similarity: x.y / (max(|x|, eps) * max(|y|, eps)); timm takes |cos|
+        cos_c = dot_gp.abs() / (sq_g.sqrt().clamp(min=eps) * sq_p.sqrt().clamp(min=eps))
+        # timm: the channel view applies only if *every* channel is below delta / sqrt(fan-in)
+        cos_c_max = torch.segment_reduce(cos_c, "max", lengths=units, unsafe=True)
+        by_channel = cos_c_max < delta / fan_in.sqrt()
+        sq_p_l = per_tensor(sq_p)
+        cos_l = per_tensor(dot_gp).abs() / (per_tensor(sq_g).sqrt().clamp(min=eps)
+                                            * sq_p_l.sqrt().clamp(min=eps))
+        by_layer = ~by_channel & (cos_l < delta / numel.sqrt())
+        # timm: perturb -= p_n * <p_n, perturb>, p_n = p / (|p| + eps) in the chosen view; the
+        # radial part of the step only grows |w| (which shrinks the effective lr of a
+        # scale-invariant weight), the reason AdamP exists
+        coef_c = dot_pu / (sq_p.sqrt() + eps).square()
+        coef_l = per_tensor(dot_pu) / (sq_p_l.sqrt() + eps).square()
+        total = lengths.numel()
+        coef = torch.where(by_channel.repeat_interleave(units, output_size=total), coef_c,
+                           torch.where(by_layer, coef_l, 0.0).repeat_interleave(
+                               units, output_size=total))
+        torch._foreach_sub_(perturb, torch._foreach_mul(params, _per_tensor(coef, params)))
+        one = torch.ones(n, dtype=dtype, device=device)
+        return torch.where(by_channel | by_layer, group["wd_ratio"] * one, one)
+
+
+# ==================================================================================================
+# Adaptive gradient clipping (Brock et al. 2021), as timm's --clip-mode agc
+# ==================================================================================================
+
+@torch.no_grad()
+def agc(parameters, clip_factor, eps=1e-3):
+    """timm.utils.adaptive_clip_grad, in place on .grad: each unit's gradient (an output channel
+    of a weight with ndim > 1, the whole tensor otherwise) is scaled to at most
+    clip_factor * max(|unit weight|, eps) when its norm reaches that."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None and p.numel() > 0]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    lengths, _ = _segments(params)
+    w_norm = _unit_sums(torch._foreach_mul(params, params), lengths).sqrt_()
+    g_norm = _unit_sums(torch._foreach_mul(grads, grads), lengths).sqrt_()
+    max_norm = w_norm.clamp_(min=eps).mul_(clip_factor)
+    # timm: clipped where the norm is not below the max (so == clips too, by a factor of 1), and
+    # 1e-6 guards the division
+    scale = torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp(min=1e-6))
+    torch._foreach_mul_(grads, _per_tensor(scale, params))
+
+
+def head_excluded(model):
+    """The parameters timm's train.py clips with --clip-mode agc: model_parameters(model,
+    exclude_head=True) drops the last two registered parameters (the classifier's weight and
+    bias; the fc is registered last in this repo's ResNet), whatever their names."""
+    return list(model.parameters())[:-2]
+
+
+# ==================================================================================================
+# Weight-decay groups as torchvision's references, and the optimizer factory
+# ==================================================================================================
+
+# tv references/classification/utils.py set_weight_decay: its default norm_classes
+_TV_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+             torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
+
+
+def tv_param_groups(model, weight_decay, norm_weight_decay=0.0):
+    """tv set_weight_decay (no custom keys): every parameter of a normalisation layer (weight
+    and bias) gets norm_weight_decay, everything else, conv and fc biases included, weight_decay.
+    norm_weight_decay None: one group, as tv without --norm-weight-decay."""
+    other, norm = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                is_norm = norm_weight_decay is not None and isinstance(module, _TV_NORMS)
+                (norm if is_norm else other).append(p)
+    groups = [dict(params=other, weight_decay=weight_decay),
+              dict(params=norm, weight_decay=norm_weight_decay)]
+    return [g for g in groups if g["params"]]
+
+
+OPTIMIZERS = ("lamb", "rmsproptf", "sgd", "adamp")
+
+
 def create_optimizer(model, recipe):
-    if recipe["opt"] == "lamb":
-        return Lamb(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"],
-                    betas=recipe["opt_betas"], eps=recipe["opt_eps"])
-    raise UserError(f"optimizer {recipe['opt']!r} is not implemented yet (have: lamb)")
+    """The recipe's optimizer over its weight-decay groups: wd_groups "timm" (no decay on
+    ndim <= 1 and .bias, timm's filter_bias_and_bn) or "tv" (no decay on norm layers only).
+    opt_eps / opt_betas None: the optimizer's own default, as timm's --opt-eps / --opt-betas."""
+    opt, lr, wd = recipe["opt"], recipe["lr"], recipe["weight_decay"]
+    if opt not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {opt!r} (have: {', '.join(OPTIMIZERS)})")
+    if recipe["wd_groups"] == "timm":
+        groups = param_groups(model, wd)
+    elif recipe["wd_groups"] == "tv":
+        groups = tv_param_groups(model, wd)
+    else:
+        raise UserError(f"unknown wd_groups {recipe['wd_groups']!r} (have: timm, tv)")
+    eps = {} if recipe["opt_eps"] is None else dict(eps=recipe["opt_eps"])
+    betas = {} if recipe["opt_betas"] is None else dict(betas=tuple(recipe["opt_betas"]))
+    if opt in ("rmsproptf", "sgd") and recipe["momentum"] is None:
+        raise UserError(f"--opt {opt} needs --momentum (timm train.py and tv default: 0.9)")
+    if opt == "lamb":
+        return Lamb(groups, lr=lr, **betas, **eps)
+    if opt == "rmsproptf":
+        # timm factory: alpha 0.9; momentum and eps from train.py's --momentum / --opt-eps
+        return RMSpropTF(groups, lr=lr, alpha=0.9, momentum=recipe["momentum"], **eps)
+    if opt == "sgd":
+        # timm's "sgd" is Nesterov, tv's plain momentum: the recipe says which
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe["momentum"],
+                               nesterov=bool(recipe["nesterov"]), foreach=True)
+    # timm factory for adamp: wd_ratio 0.01 (the class default is 0.1) and nesterov
+    nesterov = True if recipe["nesterov"] is None else bool(recipe["nesterov"])
+    return AdamP(groups, lr=lr, wd_ratio=0.01, delta=0.1, nesterov=nesterov, **betas, **eps)
+
+def clip_gradients(model, clip):
+    """timm train.py --clip-mode agc (head excluded) or norm (all parameters), called after
+    the AMP unscale so the thresholds apply to the true gradients."""
+    if clip["mode"] == "agc":
+        agc(head_excluded(model), clip["value"])
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip["value"])
 
 
 # ==================================================================================================
-# Schedule: linear warmup from warmup_lr, then cosine to min_lr (timm CosineLRScheduler)
+# Schedule: linear warmup, then cosine (timm CosineLRScheduler, tv CosineAnnealingLR) or step
+# decay (timm StepLRScheduler), with timm's lr noise
 # ==================================================================================================
 
-def lr_at(t, recipe):
-    """lr at epoch t (a float when stepping per update). timm counts the cosine from epoch 0,
-    warmup included (warmup_prefix False), and steps it once per epoch by default."""
-    lr, warmup = recipe["lr"], recipe["warmup_epochs"]
+
+def _noise(t, recipe, noise_seed):
+    """timm Scheduler._add_noise as train.py sets it up: the lr of epoch t is multiplied by
+    1 + n for t in [start, end), fractions of `epochs`, n ~ N(0, std) drawn from a generator
+    seeded noise_seed + t and redrawn until |n| < pct. Returns n, or 0 outside the range."""
+    spec = recipe.get("lr_noise")
+    if spec is None:
+        return 0.0
+    # timm create_scheduler_v2: a single number (or a 1-list) switches the noise on for good
+    spec = [spec] if isinstance(spec, (int, float)) else list(spec)
+    start = spec[0] * recipe["epochs"]
+    end = spec[1] * recipe["epochs"] if len(spec) > 1 else math.inf
+    # Per-update stepping: timm redraws per update, seeded with the update index; we keep one
+    # draw per epoch (the seed needs an integer, and the update count is not known here).
+    # Epoch 0: timm's train.py never calls step(0), so the first epoch runs at the lr the
+    # scheduler's constructor set, without noise.
+    epoch = math.floor(t)
+    if epoch == 0 or not start <= epoch < end:
+        return 0.0
+    pct = recipe.get("lr_noise_pct", 0.67)
+    std = recipe.get("lr_noise_std", 1.0)
+    g = torch.Generator()
+    g.manual_seed(noise_seed + epoch)
+    while True:
+        # timm's _calculate_noise ignores --lr-noise-std (plain randn); we honour it, which
+        # changes nothing at the default 1.0 that every recipe here uses
+        n = std * torch.randn(1, generator=g).item()
+        if abs(n) < pct:
+            return n
+
+
+def lr_at(t, recipe, noise_seed=0):
+    """lr at epoch t (a float when stepping per update).
+
+    Warmup: linear from `warmup_lr` (timm, absolute) or from `warmup_factor` * lr (tv's
+    LinearLR start_factor) to lr over `warmup_epochs`. After it, `sched`:
+      cosine: to `min_lr` (None = 0). warmup_prefix False (timm's default) counts the cosine
+        from epoch 0, warmup included, over `epochs`; True starts it after the warmup and spans
+        epochs - warmup_epochs (tv's SequentialLR(LinearLR, CosineAnnealingLR(T_max=epochs -
+        warmup)), ResNet-RS).
+      step: lr * decay_rate ** (t // decay_epochs), t counted from 0 or, with warmup_prefix,
+        from the end of the warmup (timm StepLRScheduler; train.py passes warmup_prefix False).
+    Then timm's lr noise where `lr_noise` is set (see _noise); `noise_seed` is timm's --seed.
+    The arithmetic follows timm's operation order, so per-epoch values equal timm's bit for bit.
+    """
+    lr, warmup, epochs = recipe["lr"], recipe["warmup_epochs"], recipe["epochs"]
+    # s: time since the decay started, which tv and ResNet-RS start after the warmup
+    prefix = bool(recipe.get("warmup_prefix", False))
+    s = t - warmup if prefix else t
     if t < warmup:
-        return recipe["warmup_lr"] + t * (lr - recipe["warmup_lr"]) / warmup
-    if recipe["sched"] == "cosine":
-        if t >= recipe["epochs"]:
-            return recipe["min_lr"]
-        return recipe["min_lr"] + 0.5 * (lr - recipe["min_lr"]) * (
-            1 + math.cos(math.pi * t / recipe["epochs"]))
-    raise UserError(f"schedule {recipe['sched']!r} is not implemented yet (have: cosine)")
+        start = recipe.get("warmup_lr")
+        if start is None:
+            factor = recipe.get("warmup_factor")
+            if factor is None:
+                raise UserError("warmup_epochs > 0 needs warmup_lr or warmup_factor")
+            start = lr * factor
+        value = start + t * ((lr - start) / warmup)
+    elif recipe["sched"] == "cosine":
+        min_lr = recipe.get("min_lr") or 0.0
+        length = epochs - warmup if prefix else epochs
+        if s >= length:
+            value = min_lr
+        else:
+            value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * s / length))
+    elif recipe["sched"] == "step":
+        if not recipe.get("decay_rate") or not recipe.get("decay_epochs"):
+            raise UserError("sched 'step' needs decay_rate and decay_epochs")
+        value = lr * recipe["decay_rate"] ** (s // recipe["decay_epochs"])
+    else:
+        raise UserError(f"schedule {recipe['sched']!r} is not implemented (have: cosine, step)")
+    n = _noise(t, recipe, noise_seed)
+    return value + value * n if n else value
+
+
+# ==================================================================================================
+# EMA of the weights: timm ModelEmaV3, tv's AveragedModel recipe, TF ExponentialMovingAverage
+# ==================================================================================================
+
+def tv_ema_decay(decay, world, batch_per_gpu, every, epochs):
+    """tv train.py's adjustment (from pycls): alpha = 1 - decay scaled by the number of images
+    between two EMA updates over the epochs, so the decay per epoch barely depends on the
+    batch, world size and update interval. Same operation order as tv."""
+    adjust = world * batch_per_gpu * every / epochs
+    alpha = 1.0 - decay
+    alpha = min(1.0, alpha * adjust)
+    return 1.0 - alpha
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers (BN statistics too), in
+    its own copy `self.module` (eval mode, no gradients). Floating tensors are averaged with
+    one multi-tensor lerp; integer buffers (num_batches_tracked) are copied, as timm does.
+
+    Styles, all through `update(model, copy=False)` called after an optimizer step:
+      timm (B; ModelEmaV2 / ModelEmaV3.update(model)): fixed `decay` at every update.
+      tv: call every `every`-th update of an epoch with decay = tv_ema_decay(...), and
+        copy=True during the warmup epochs. tv zeroes AveragedModel.n_averaged after each
+        warmup update, so the update after it copies too: copy=True here means "copy now and
+        at the next update", which makes the first update after the warmup a copy as in tv.
+        copy_first=True: the very first update copies, as AveragedModel (n_averaged starts at
+        0; without warmup this is the only copy) and as current timm train.py, whose
+        ModelEmaV3.update(model, step=num_updates) uses decay 0 at step 1. The RSB runs used
+        ModelEmaV2, which averages from the first update: copy_first False.
+      tf_warmup (ResNet-RS, the TPU ResNet/EfficientNet code): tf.train.
+        ExponentialMovingAverage(decay, num_updates=global_step), whose n-th update (n from 1:
+        it reads the step after the optimizer incremented it) uses min(decay, (1+n)/(10+n)).
+    """
+
+    def __init__(self, model, decay, tf_warmup=False, copy_first=False):
+        self.module = deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tf_warmup = decay, tf_warmup
+        self.num_updates = 0
+        self.copy_next = copy_first
+
+    def decay_at(self, n):
+        """The decay of the n-th update (n from 1), copies aside."""
+        if self.tf_warmup:
+            return min(self.decay, (1.0 + n) / (10.0 + n))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model, copy=False):
+        """One EMA update from `model` (DDP / compiled wrappers are looked through); returns
+        the decay used (0.0 for a copy)."""
+        self.num_updates += 1
+        decay = 0.0 if copy or self.copy_next else self.decay_at(self.num_updates)
+        self.copy_next = copy
+        ours, theirs = self.module.state_dict(), unwrap(model).state_dict()
+        if len(ours) != len(theirs):
+            raise UserError(f"EMA holds {len(ours)} tensors, the model {len(theirs)}")
+        ema_f, model_f = [], []
+        # zip by order, as timm: the keys are the same module's, and state_dict() is ordered
+        for e, m in zip(ours.values(), theirs.values()):
+            if e.is_floating_point():
+                ema_f.append(e)
+                model_f.append(m.detach())
+            else:
+                e.copy_(m)
+        if decay == 0.0:
+            torch._foreach_copy_(ema_f, model_f)
+        else:
+            torch._foreach_lerp_(ema_f, model_f, 1.0 - decay)
+        return decay
+
+    def state_dict(self):
+        return dict(module=self.module.state_dict(), num_updates=self.num_updates,
+                    copy_next=self.copy_next)
+
+    def load_state_dict(self, state):
+        """Our state_dict(), or a plain model state dict (timm's state_dict_ema)."""
+        if isinstance(state.get("module"), dict):
+            self.module.load_state_dict(state["module"])
+            self.num_updates = int(state.get("num_updates", 0))
+            self.copy_next = bool(state.get("copy_next", False))
+        else:
+            self.module.load_state_dict(state)
 
 
 # ==================================================================================================
@@ -759,8 +1569,12 @@ def train(recipe, args):
     if val_set.classes != train_set.classes:
         raise UserError(f"{root}/val has other class folders than {root}/train")
     num_classes = len(train_set.classes)
-    train_sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    if recipe["repeated_aug"]:
+        train_sampler = RepeatedAugSampler(len(train_set), recipe["repeated_aug"], world, rank,
+                                           args.seed)
+    else:
+        train_sampler = torch.utils.data.DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     train_loader = make_loader(train_set, per_device, args.workers, device, train_sampler, True)
     val_loader = make_loader(val_set, args.eval_batch or per_device, args.workers, device,
                              list(range(rank, len(val_set), world)), False)
@@ -769,12 +1583,21 @@ def train(recipe, args):
         raise UserError(f"{root}/train has {len(train_set)} images, fewer than one step of "
                         f"{world} x {per_device} x {accum}: lower --batch-size")
 
-    model = create_model(recipe["model"], num_classes, recipe["dropout"], recipe["drop_path"])
+    model = create_model(recipe["model"], num_classes, recipe["dropout"], recipe["drop_path"],
+                         recipe["zero_init_last"])
     model.to(device)
     channels_last = device.type == "cuda" and not args.no_channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, recipe)
+    ema = None
+    if recipe["ema_decay"]:
+        decay = recipe["ema_decay"]
+        if recipe["ema_style"] == "tv":
+            decay = tv_ema_decay(decay, world, per_device, recipe["ema_every"], recipe["epochs"])
+            log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
+        ema = EMA(model, decay, tf_warmup=recipe["ema_style"] == "tf",
+                  copy_first=recipe["ema_style"] == "tv")
     amp_dtype = amp_dtype_for(device, recipe, args.amp_dtype)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -791,6 +1614,8 @@ def train(recipe, args):
             optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
         start_epoch, best = ckpt.get("epoch", -1) + 1, ckpt.get("best_top1", -1.0)
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
     elif (out / "last.pth").exists():
@@ -828,17 +1653,21 @@ def train(recipe, args):
                        leave=False, dynamic_ncols=True, mininterval=1.0)
         for step, (images, target) in zip(range(steps), train_loader):
             t = epoch + (step // accum * accum) / steps if recipe["sched_per_step"] else epoch
-            lr = lr_at(t, recipe)
+            lr = lr_at(t, recipe, noise_seed=args.seed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = normalize(images.to(device, non_blocking=True))
             if not channels_last:
                 images = images.contiguous()
             target = target.to(device, non_blocking=True)
+            if recipe["reprob"] and recipe["remode"] == "pixel":
+                random_erasing(images, recipe["reprob"], recipe["recount"])
+            elif recipe["reprob"]:
+                tv_random_erasing(images, recipe["reprob"])
             if mixing:
                 images, target = mixup_cutmix(images, target, num_classes, recipe["mixup"],
                                               recipe["cutmix"], recipe["label_smoothing"],
-                                              mix_rng)
+                                              mix_rng, recipe["mixup_style"])
             last_micro = (step + 1) % accum == 0
             sync = ddp_model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
             with sync:
@@ -847,12 +1676,21 @@ def train(recipe, args):
                 loss = loss_fn(logits.float(), target)
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             if last_micro:
+                if scaler and recipe["clip"]:
+                    scaler.unscale_(optimizer)  # timm clips the true gradients
+                if recipe["clip"]:
+                    clip_gradients(model, recipe["clip"])
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                update = step // accum
+                # tv: EMA after every ema_every-th update of the epoch, copied during warmup
+                if ema is not None and update % recipe["ema_every"] == 0:
+                    ema.update(model, copy=recipe["ema_style"] == "tv"
+                               and epoch < recipe["warmup_epochs"])
             loss_sum += loss.detach()
             if bar is not None:
                 bar.update()
@@ -874,15 +1712,21 @@ def train(recipe, args):
         train_time = time.perf_counter() - t0
         if world > 1:
             average_bn_stats(model, world)
+            if ema is not None:
+                average_bn_stats(ema.module, world)
         # the plain model: ranks may hold different numbers of eval batches, and DDP's forward
         # could wait on a collective
         metrics = evaluate(model, val_loader, device, amp_dtype, world)
-        is_best = metrics["top1"] > best
-        best = max(best, metrics["top1"])
         row = dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=round(train_loss, 5),
                    top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
-                   val_loss=round(metrics["loss"], 5), best_top1=round(best, 3),
-                   val_images=metrics["images"],
+                   val_loss=round(metrics["loss"], 5))
+        if ema is not None:
+            # timm and tv: the EMA weights are the result; timm keeps the best by their top-1
+            metrics = evaluate(ema.module, val_loader, device, amp_dtype, world)
+            row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
+        is_best = metrics["top1"] > best
+        best = max(best, metrics["top1"])
+        row.update(best_top1=round(best, 3), val_images=metrics["images"],
                    train_img_s=round(steps * per_device * world / train_time, 1),
                    epoch_s=round(time.perf_counter() - t0, 1))
         log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
@@ -890,6 +1734,7 @@ def train(recipe, args):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         ema=ema.state_dict() if ema is not None else None,
                          scaler=scaler.state_dict() if scaler else None, epoch=epoch,
                          best_top1=best, metrics=row, recipe=recipe, classes=train_set.classes)
             save_checkpoint(out / "last.pth", state)
@@ -1010,11 +1855,21 @@ def parse_value(key, text, default):
 
 
 def resolve(recipe):
-    """Fill the values derived from others: eval resize from the crop ratio as timm."""
+    """Fill the values derived from others: eval resize from the crop ratio as timm, or the
+    crop ratio from an explicit eval resize as tv."""
     recipe = dict(recipe)
     if recipe.get("eval_resize") is None:
+        if not recipe.get("crop_pct"):
+            raise UserError("set --eval-resize or --crop-pct")
         recipe["eval_resize"] = math.floor(recipe["eval_size"] / recipe["crop_pct"])
-    if recipe.get("auto_augment"):
+    elif recipe.get("crop_pct") is None:
+        recipe["crop_pct"] = round(recipe["eval_size"] / recipe["eval_resize"], 4)
+    clip = recipe.get("clip")
+    if clip is not None and not (isinstance(clip, dict) and clip.get("mode") in ("agc", "norm")
+                                 and isinstance(clip.get("value"), (int, float))):
+        raise UserError(f"--clip {json.dumps(clip)}: expected null or "
+                        '{"mode": "agc" or "norm", "value": number}')
+    if recipe.get("auto_augment") and recipe["auto_augment"] != "ta_wide":
         parse_rand_augment(recipe["auto_augment"])  # a typo fails now, not after data loading
     return recipe
 
@@ -1043,9 +1898,17 @@ def run_parser():
     return p
 
 
-def parse_args(recipe, argv, demo=None):
+def parse_args(recipe, argv, demo=None, variants=None, by_model=None):
+    """(run options, resolved recipe). `variants` maps --variant names to recipes (C1 / C2);
+    `by_model` maps model names to the values that come with them (ResNet-RS Table 8), applied
+    before the command line so that an explicit flag still wins."""
     parser = run_parser()
+    if variants:
+        parser.add_argument("--variant", choices=list(variants),
+                            help=f"recipe variant (default {recipe['recipe']})")
     args, rest = parser.parse_known_args(argv)
+    if variants and args.variant:
+        recipe = variants[args.variant]
     overrides = {}
     keys = {k.replace("_", "-"): k for k in recipe}
     if args.help:
@@ -1071,13 +1934,17 @@ def parse_args(recipe, argv, demo=None):
         i += 1
     if args.demo and demo:
         recipe = dict(recipe, **demo)
+    model = overrides.get("model", recipe["model"])
+    if by_model and model in by_model:
+        recipe = dict(recipe, **by_model[model])
     return args, resolve(dict(recipe, **overrides))
 
 
-def main(recipe, demo=None, argv=None):
+def main(recipe, demo=None, argv=None, variants=None, by_model=None):
     """Entry point of every train_*.py: parse, resolve, print, train."""
     try:
-        args, recipe = parse_args(recipe, sys.argv[1:] if argv is None else argv, demo)
+        args, recipe = parse_args(recipe, sys.argv[1:] if argv is None else argv, demo,
+                                  variants, by_model)
         if args.print_recipe:
             print(json.dumps(recipe, indent=1))
             return
@@ -1104,3 +1971,80 @@ def main(recipe, demo=None, argv=None):
             print(f"error: {lines[-1][len('UserError: '):]}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+# ==================================================================================================
+# The README's recipe table, generated from the scripts: python -m common recipes
+# ==================================================================================================
+
+RECIPE_SCRIPTS = ("train_a1.py", "train_a2.py", "train_a3.py", "train_b.py", "train_c.py",
+                  "train_d.py", "train_tv.py", "train_rs.py")
+OPT_NAMES = {"lamb": "LAMB", "rmsproptf": "RMSpropTF", "sgd": "SGD", "adamp": "AdamP"}
+
+
+def script_recipes(root=None):
+    """[(script, recipe)] for every recipe literal of every script (C1 and C2 both), resolved."""
+    import importlib.util
+    root = Path(root or Path(__file__).resolve().parent)
+    out = []
+    for script in RECIPE_SCRIPTS:
+        spec = importlib.util.spec_from_file_location(script[:-3], root / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for value in vars(module).values():
+            if isinstance(value, dict) and "recipe" in value and "paper_top1" in value:
+                out.append((script, resolve(value)))
+    return sorted(out, key=lambda sr: sr[1]["recipe"])
+
+
+def ingredients(r):
+    """The recipe's distinctive ingredients, in a few words."""
+    out = [f"{r['train_size']} px train / {r['eval_size']} test", r["loss"].upper()]
+    if r["label_smoothing"]:
+        out[-1] += f" + smoothing {r['label_smoothing']:g}"
+    if r["sched"] == "step":
+        out.append(f"step decay {r['decay_rate']:g} / {r['decay_epochs']:g} epoch")
+    if r["lr_noise"]:
+        out.append(f"LR noise {r['lr_noise'][0]:g}-{r['lr_noise'][1]:g}")
+    if r["nesterov"] and r["opt"] == "sgd":
+        out.append("Nesterov")
+    if r["clip"]:
+        out.append(f"{r['clip']['mode'].upper()} {r['clip']['value']:g}")
+    if r["auto_augment"] == "ta_wide":
+        out.append("TrivialAugmentWide")
+    elif r["auto_augment"]:
+        cfg = parse_rand_augment(r["auto_augment"])
+        std = f" mstd {cfg['mstd']:g}" if cfg["mstd"] else ""
+        out.append(f"RandAugment m{cfg['m']:g} n{cfg['n']}{std}")
+    out += [f"{name} {r[key]:g}" for name, key in (("Mixup", "mixup"), ("CutMix", "cutmix"))
+            if r[key]]
+    if r["reprob"]:
+        out.append(f"erasing {r['reprob']:g}" + (f" x{r['recount']}" if r["recount"] > 1 else ""))
+    if r["repeated_aug"]:
+        out.append(f"repeated aug x{r['repeated_aug']}")
+    if r["drop_path"]:
+        out.append(f"drop path {r['drop_path']:g}")
+    if r["dropout"]:
+        out.append(f"dropout {r['dropout']:g}")
+    if r["ema_decay"]:
+        out.append(f"EMA {r['ema_decay']:g}")
+    return ", ".join(out)
+
+
+def recipe_table(root=None):
+    rows = ["| script | recipe | model | optimizer | epochs | batch | lr | key ingredients | "
+            "published top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for script, r in script_recipes(root):
+        variant = f" --variant {r['recipe']}" if script == "train_c.py" else ""
+        rows.append(f"| `{script}{variant}` | {r['recipe']} | {r['model']} | "
+                    f"{OPT_NAMES.get(r['opt'], r['opt'])} | {r['epochs']} | {r['batch_size']} | "
+                    f"{r['lr']:g} | {ingredients(r)} | {r['paper_top1']} "
+                    f"({r['top1_source']}) |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["recipes"]:
+        print(recipe_table(), end="")
+    else:
+        sys.exit("usage: python -m common recipes   (prints README's recipe table)")

@@ -33,18 +33,25 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2))
     p.add_argument("--device", default="auto")
     p.add_argument("--amp-dtype", choices=("bf16", "fp16", "off"), default="off")
+    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                   help="which weights of one of our checkpoints: auto = the EMA's where the "
+                        "run kept an EMA (the recipes' published numbers are EMA numbers)")
     return p.parse_args(argv)
 
 
 def run(args):
     ckpt = common.load_checkpoint(args.checkpoint)
-    weights = common.state_dict_of(ckpt)
+    ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
+    if args.weights == "ema" and not ema:
+        raise common.UserError(f"checkpoint {args.checkpoint} holds no EMA weights")
+    use_ema = bool(ema) and args.weights != "model"
+    weights = ema["module"] if use_ema else common.state_dict_of(ckpt)
     recipe = ckpt.get("recipe", {}) if isinstance(ckpt, dict) else {}
     name = args.model or recipe.get("model") or common.model_name_from_state_dict(
         {k.removeprefix("module."): v for k, v in weights.items()})
     fc = weights.get("fc.weight", weights.get("module.fc.weight"))
     num_classes = fc.shape[0] if fc is not None else 1000
-    model = common.create_model(name, num_classes)
+    model = common.create_model(name, num_classes, zero_init_last=False)
     common.load_weights(model, weights, f"checkpoint {args.checkpoint}")
 
     size = args.eval_size or recipe.get("eval_size", 224)
@@ -79,6 +86,7 @@ def run(args):
         torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16)
     metrics = common.evaluate(model, loader, device, amp, world)
     result = dict(checkpoint=str(args.checkpoint), model=name, data=str(data),
+                  weights="ema" if use_ema else "model",
                   eval_size=size, eval_resize=resize, interpolation=interpolation,
                   top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
                   loss=round(metrics["loss"], 5), images=metrics["images"])

@@ -24,7 +24,8 @@ RECIPE = dict(
     interpolation="bicubic",              # timm RSB runs: bicubic train and eval
     opt="lamb",                           # RSB T2
     lr=8e-3,                              # RSB T2
-    weight_decay=0.02,                    # RSB T2; timm: none on biases and BN
+    weight_decay=0.02,                    # RSB T2
+    wd_groups="timm",                     # timm: no decay on biases and BN (ndim <= 1)
     momentum=None,                        # LAMB has none
     nesterov=None,
     opt_eps=1e-6,                         # timm Lamb default
@@ -32,25 +33,35 @@ RECIPE = dict(
     sched="cosine",                       # RSB T2
     sched_per_step=False,                 # timm steps the cosine once per epoch
     warmup_lr=1e-4,                       # timm train.py --warmup-lr
+    warmup_factor=None,                   # (tv's way: warmup from a factor of lr)
+    warmup_prefix=False,                  # timm: the cosine counts from epoch 0, warmup included
     min_lr=1e-6,                          # timm train.py --min-lr
     decay_rate=None,
     decay_epochs=None,
     lr_noise=None,
+    lr_noise_pct=0.67,                    # timm defaults, used only with lr_noise
+    lr_noise_std=1.0,
     loss="bce",                           # RSB T2: BCE instead of CE
     label_smoothing=0.0,                  # RSB T2: no smoothing for A3
     bce_target_thresh=0.2,                # timm --bce-target-thresh 0.2: binarised targets
     dropout=0.0,                          # RSB T2
     drop_path=0.0,                        # RSB T2: no stochastic depth for A3
+    zero_init_last=True,                  # timm: zero gamma of each block's last BN
     repeated_aug=0,                       # RSB T2: no repeated augmentation for A3
     clip=None,                            # RSB T2; LAMB itself clips to global norm 1 (timm)
     auto_augment="rand-m6-mstd0.5-inc1",  # RSB T2: RandAugment 6 / 0.5
     mixup=0.1,                            # RSB T2
     cutmix=1.0,                           # RSB T2
+    mixup_style="timm",                   # timm: partner = batch flipped, one of the two per batch
     reprob=0.0,                           # RSB T2: no random erasing
     recount=1,
+    remode="pixel",
     ema_decay=None,                       # RSB T2: no EMA
+    ema_every=1,
+    ema_style="timm",                     # timm ModelEmaV3: fixed decay, no warmup
     amp=True,                             # RSB T2: mixed precision
     paper_top1=78.1,                      # RSB Table 1
+    top1_source="RSB Table 1",
 )
 
 # --demo: ResNet-18 on the generated 8-class shapes at 48 px; a few minutes on a laptop CPU

@@ -121,39 +121,6 @@ RA_CONFIGS = ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd1.
               "rand-m9-n1-p1.0", "rand-m8-p0.8-mstd101-inc1", "rand-m9-n2-mstd2-mmax12-inc1"]
 
 
-@pytest.mark.parametrize("spec", RA_CONFIGS)
-def test_rand_augment_pixel_equal_to_timm(spec, monkeypatch):
-    """common.rand_augment(cfg) vs timm rand_augment_transform(spec) (probability, magnitude
-    noise, clamping, sign flips). The op choice is taken out of both (timm draws it with
-    np.random.choice, ours with random.choices): both are patched to return the same op names,
-    then the python `random` streams align. 60 seeds x random op lists: pixel-equal."""
-    ra = timm_rand_augment(spec)
-    cfg = common.parse_rand_augment(spec)
-    by_name = {op.name: op for op in ra.ops}
-    img = make_image()
-    picker = random.Random(spec)
-    for s in range(60):
-        names = picker.choices(cfg["ops"], k=cfg["n"])
-
-        def fake_choices(population, k):
-            assert tuple(population) == tuple(cfg["ops"]) and k == cfg["n"]
-            return list(names)
-
-        def fake_np_choice(ops, size, replace=True, p=None):
-            assert size == ra.num_layers and replace and p is None
-            return [by_name[n] for n in names]
-
-        with monkeypatch.context() as mp:
-            mp.setattr(np.random, "choice", fake_np_choice)
-            random.seed(s)
-            ref = np.asarray(ra(img))
-        with monkeypatch.context() as mp:
-            mp.setattr(common.random, "choices", fake_choices)
-            random.seed(s)
-            ours = np.asarray(common.rand_augment(img, cfg, FILL, Image.BICUBIC))
-        assert np.array_equal(ours, ref), f"{spec} seed={s} ops={names}"
-
-
 @pytest.mark.parametrize("spec", ["rand-m6-mstd0.5-inc1", "rand-m8-n2-mstd1.0",
                                   "rand-m7-n3-mstd1.0", "rand-m9-n1-p0.8-mstd101-mmax12",
                                   "rand-m10-inc0", "rand-m5"])
@@ -201,6 +168,7 @@ def test_rand_augment_op_choice_and_probability(monkeypatch):
                         lambda img, name, m, fill, resample: calls.append((name, m)) or img)
     cfg = common.parse_rand_augment("rand-m6-mstd0.5-inc1")
     random.seed(0)
+    np.random.seed(0)  # the op choice, as timm's
     img = make_image(4, 4)
     draws = 6000
     for _ in range(draws):
