@@ -26,7 +26,7 @@ def run_script(script, data, out, *extra, cwd=ROOT):
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: " ".join(r[:1] + r[2:]))
-def test_recipe_trains_two_epochs(run, tiny_data, tmp_path):
+def test_recipe_trains_two_epochs_and_evaluates(run, tiny_data, tmp_path):
     script, model, *extra = run
     out = tmp_path / "run"
     res = run_script(ROOT / script, tiny_data, out, "--model", model, *extra)
@@ -38,6 +38,20 @@ def test_recipe_trains_two_epochs(run, tiny_data, tmp_path):
     for r in rows:
         assert r["train_loss"] == r["train_loss"] and r["train_loss"] < 1e3  # finite
         assert ("ema_top1" in r) == bool(recipe["ema_decay"])
+    if recipe["ema_decay"]:
+        # best.pth is judged by the EMA weights, and eval.py evaluates those by default
+        best = max(rows, key=lambda r: r["ema_top1"])
+        ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint",
+                             str(out / "best.pth"), "--data", str(tiny_data), "--workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert ev.returncode == 0, ev.stderr
+        result = json.loads(ev.stdout)
+        assert result["weights"] == "ema" and result["top1"] == pytest.approx(best["ema_top1"])
+    if script == "train_b.py":  # resume carries the EMA on
+        res = run_script(ROOT / script, tiny_data, out, "--model", model, "--epochs", "3",
+                         "--resume", "auto", *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_copied_script_changed_in_one_line_runs(tiny_data, tmp_path):
