@@ -7,14 +7,8 @@ import pytest
 
 import common
 from conftest import ROOT
+from test_recipes import CANONICAL
 from train_a3 import RECIPE
-
-CANONICAL = ["recipe", "model", "epochs", "warmup_epochs", "batch_size", "train_size",
-             "eval_size", "eval_resize", "interpolation", "opt", "lr", "weight_decay",
-             "momentum", "nesterov", "opt_eps", "sched", "warmup_lr", "min_lr", "decay_rate",
-             "decay_epochs", "lr_noise", "loss", "label_smoothing", "bce_target_thresh",
-             "dropout", "drop_path", "repeated_aug", "clip", "auto_augment", "mixup", "cutmix",
-             "reprob", "recount", "ema_decay", "amp", "paper_top1"]
 
 # ../shared/RECIPES.md, A3 column
 A3 = dict(recipe="a3", model="resnet50", epochs=100, warmup_epochs=5, batch_size=2048,
