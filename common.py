@@ -1937,6 +1937,13 @@ def parse_args(recipe, argv, demo=None, variants=None, by_model=None):
     model = overrides.get("model", recipe["model"])
     if by_model and model in by_model:
         recipe = dict(recipe, **by_model[model])
+    args.lr_note = None
+    if "batch_size" in overrides and "lr" not in overrides:
+        # the recipe's lr is for its batch: another --batch-size alone scales it linearly
+        overrides["lr"] = recipe["lr"] * overrides["batch_size"] / recipe["batch_size"]
+        args.lr_note = (f"--batch-size {overrides['batch_size']} (recipe: "
+                        f"{recipe['batch_size']}): lr {recipe['lr']:g} -> {overrides['lr']:g}"
+                        " (linear scaling)")
     return args, resolve(dict(recipe, **overrides))
 
 
@@ -1961,6 +1968,8 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(recipe))
+            if args.lr_note:
+                print(args.lr_note)
         return train(recipe, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

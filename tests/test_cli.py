@@ -86,3 +86,13 @@ def test_batch_plan():
     assert common.batch_plan(2048, 8, accum_steps=2) == (128, 2, 2048)
     with pytest.raises(common.UserError):
         common.batch_plan(4, 8)
+
+
+def test_batch_size_override_scales_lr_unless_lr_given_too():
+    """README: --batch-size alone scales the recipe's lr linearly; with --lr both are as given."""
+    _, r = common.parse_args(RECIPE, ["--batch-size", "512"])
+    assert r["batch_size"] == 512 and r["lr"] == pytest.approx(8e-3 * 512 / 2048)
+    _, r = common.parse_args(RECIPE, ["--batch-size", "512", "--lr", "1e-3"])
+    assert r["lr"] == 1e-3
+    _, r = common.parse_args(RECIPE, ["--demo"], demo=dict(batch_size=32, lr=5e-3))
+    assert r["lr"] == 5e-3
