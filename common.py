@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import difflib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -574,8 +575,6 @@ def trivial_augment_space(num_bins=31):
 
 
 TRIVIAL_AUGMENT_WIDE = trivial_augment_space(31)
-TA_ENHANCE = {"Brightness": ImageEnhance.Brightness, "Color": ImageEnhance.Color,
-              "Contrast": ImageEnhance.Contrast, "Sharpness": ImageEnhance.Sharpness}
 
 
 def _tv_fill(fill, img):
@@ -626,8 +625,8 @@ def trivial_augment_op(img, name, magnitude, resample=Image.BILINEAR, fill=None)
         return img.transform(img.size, Image.AFFINE, matrix, resample, fillcolor=fillcolor)
     if name == "Rotate":
         return img.rotate(magnitude, resample, False, None, fillcolor=fillcolor)
-    if name in TA_ENHANCE:
-        return TA_ENHANCE[name](img).enhance(1.0 + magnitude)
+    if name in ENHANCE:
+        return ENHANCE[name](img).enhance(1.0 + magnitude)
     if name == "Posterize":
         return ImageOps.posterize(img, int(magnitude))
     if name == "Solarize":
@@ -936,10 +935,10 @@ class Lamb(torch.optim.Optimizer):
 # Unit-wise sums for AGC and AdamP: one flat concatenation and one segmented reduction for
 # a whole list of tensors, no per-parameter loop
 
-def _units(t):
+def _units(shape):
     """AGC / AdamP channel view: one unit per output channel (dim 0) of a conv / linear weight,
     the whole tensor for biases, norm weights and scalars."""
-    return t.shape[0] if t.ndim > 1 else 1
+    return shape[0] if len(shape) > 1 else 1
 
 
 def _segments(tensors):
@@ -951,7 +950,7 @@ def _segments(tensors):
 def _segments_for(device, shapes):
     # memoised by shapes: building the index tensors every step would cost a host-to-device
     # copy, which waits for the GPU
-    units = [s[0] if len(s) > 1 else 1 for s in shapes]
+    units = [_units(s) for s in shapes]
     lengths = [math.prod(s) // u for s, u in zip(shapes, units) for _ in range(u)]
     return torch.tensor(lengths, device=device), torch.tensor(units, device=device)
 
@@ -967,7 +966,7 @@ def _per_tensor(values, tensors):
     """Views of a per-unit vector shaped to broadcast against each tensor: (C, 1, ..., 1) for a
     weight, () for a whole-tensor unit."""
     out = []
-    for v, t in zip(values.split([_units(t) for t in tensors]), tensors):
+    for v, t in zip(values.split([_units(t.shape) for t in tensors]), tensors):
         out.append(v.view((-1,) + (1,) * (t.ndim - 1)) if t.ndim > 1 else v.view(()))
     return out
 
@@ -1230,6 +1229,7 @@ def create_optimizer(model, recipe):
     # timm factory for adamp: wd_ratio 0.01 (the class default is 0.1) and nesterov
     nesterov = True if recipe["nesterov"] is None else bool(recipe["nesterov"])
     return AdamP(groups, lr=lr, wd_ratio=0.01, delta=0.1, nesterov=nesterov, **betas, **eps)
+
 
 def clip_gradients(model, clip):
     """timm train.py --clip-mode agc (head excluded) or norm (all parameters), called after
@@ -1676,9 +1676,9 @@ def train(recipe, args):
                 loss = loss_fn(logits.float(), target)
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             if last_micro:
-                if scaler and recipe["clip"]:
-                    scaler.unscale_(optimizer)  # timm clips the true gradients
                 if recipe["clip"]:
+                    if scaler:
+                        scaler.unscale_(optimizer)  # timm clips the true gradients
                     clip_gradients(model, recipe["clip"])
                 if scaler:
                     scaler.step(optimizer)
@@ -1993,7 +1993,6 @@ OPT_NAMES = {"lamb": "LAMB", "rmsproptf": "RMSpropTF", "sgd": "SGD", "adamp": "A
 
 def script_recipes(root=None):
     """[(script, recipe)] for every recipe literal of every script (C1 and C2 both), resolved."""
-    import importlib.util
     root = Path(root or Path(__file__).resolve().parent)
     out = []
     for script in RECIPE_SCRIPTS:
@@ -2043,8 +2042,11 @@ def ingredients(r):
 def recipe_table(root=None):
     rows = ["| script | recipe | model | optimizer | epochs | batch | lr | key ingredients | "
             "published top-1 |", "|---|---|---|---|---|---|---|---|---|"]
-    for script, r in script_recipes(root):
-        variant = f" --variant {r['recipe']}" if script == "train_c.py" else ""
+    recipes = script_recipes(root)
+    scripts = [script for script, _ in recipes]
+    for script, r in recipes:
+        # a script holding several recipes picks one with --variant (train_c.py: c1, c2)
+        variant = f" --variant {r['recipe']}" if scripts.count(script) > 1 else ""
         rows.append(f"| `{script}{variant}` | {r['recipe']} | {r['model']} | "
                     f"{OPT_NAMES.get(r['opt'], r['opt'])} | {r['epochs']} | {r['batch_size']} | "
                     f"{r['lr']:g} | {ingredients(r)} | {r['paper_top1']} "
