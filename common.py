@@ -1869,6 +1869,9 @@ def resolve(recipe):
                                  and isinstance(clip.get("value"), (int, float))):
         raise UserError(f"--clip {json.dumps(clip)}: expected null or "
                         '{"mode": "agc" or "norm", "value": number}')
+    if recipe.get("remode", "pixel") not in ("pixel", "const"):
+        raise UserError(f"--remode {recipe['remode']!r}: expected \"pixel\" (timm's erasing with "
+                        "normal noise) or \"const\" (tv's RandomErasing, value 0)")
     if recipe.get("auto_augment") and recipe["auto_augment"] != "ta_wide":
         parse_rand_augment(recipe["auto_augment"])  # a typo fails now, not after data loading
     return recipe

@@ -52,6 +52,7 @@ def test_overrides_and_types():
     (["--lr"], "needs a value"),
     (["--mixupp", "0.2"], "did you mean --mixup"),
     (["--auto-augment", "rand-m6-x9"], "cannot parse"),
+    (["--remode", "rand"], "expected \"pixel\""),
 ])
 def test_bad_overrides_raise_user_error(argv, needle, tmp_path):
     with pytest.raises(common.UserError, match=needle):
