@@ -344,3 +344,42 @@ def test_normalize_matches_prefetch_loader_and_torchvision():
     # channels_last input (what collate gives) normalises to the same values
     assert torch.equal(common.normalize(images.contiguous(memory_format=torch.channels_last)),
                        ref)
+
+
+class _FixedBeta:
+    """Stands in for the Beta distribution of torchvision's MixUp / CutMix: a given lambda."""
+
+    def __init__(self, lam):
+        self.lam = lam
+
+    def sample(self, shape):
+        return torch.tensor(self.lam)
+
+
+@pytest.mark.parametrize("h,w,lam", [(32, 32, 0.3), (31, 17, 0.7), (9, 40, 0.05), (24, 24, 0.97)])
+def test_tv_style_cutmix_and_mixup_match_torchvision_v2(h, w, lam):
+    """mixup_style "tv": partner = the batch rolled by one, tv's CutMix box (half-sides
+    int(0.5 sqrt(1 - lam) * side) around a centre drawn with torch.randint(W), then (H)), against
+    torchvision.transforms.v2.CutMix / MixUp with their Beta draw fixed to `lam`; 6 centres
+    each. Images exact, targets 1e-6."""
+    from torchvision.transforms import v2
+    x = torch.randn(5, 3, h, w)
+    target = torch.tensor([0, 3, 1, 2, 3])
+    for seed in range(6):
+        cut = v2.CutMix(alpha=1.0, num_classes=4)
+        cut._dist = _FixedBeta(lam)
+        torch.manual_seed(seed)
+        cx, cy = int(torch.randint(w, (1,))), int(torch.randint(h, (1,)))
+        torch.manual_seed(seed)
+        ref_x, ref_y = cut(x.clone(), target.clone())
+        box, lam_box = common.cutmix_box_tv(h, w, lam, cy, cx)
+        ours_x, ours_y = common.mix_batch(x.clone(), target, 4, lam_box, box, partner="roll")
+        assert torch.equal(ours_x, ref_x), (seed, box)
+        torch.testing.assert_close(ours_y, ref_y, atol=1e-6, rtol=0)
+    mix = v2.MixUp(alpha=1.0, num_classes=4)
+    mix._dist = _FixedBeta(lam)
+    ref_x, ref_y = mix(x.clone(), target.clone())
+    ours_x, ours_y = common.mix_batch(x.clone(), target, 4, lam, partner="roll")
+    torch.testing.assert_close(ours_x, ref_x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours_y, ref_y, atol=1e-6, rtol=0)
+    assert not torch.equal(ours_x, x)  # the mix did something
