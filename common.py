@@ -839,10 +839,11 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
     different ranks (different augmentations in one step). Seeded with seed + epoch: seed 0
     gives timm's RepeatAugSampler (seeded with the epoch) and tv's RASampler (seed + epoch).
 
-    Unlike timm and tv, which keep floor(len // 256 * 256 / world) samples per rank, each rank
-    yields ceil(len / world), so an epoch has len(dataset) samples, however small the data;
-    where len is a multiple of 256 * world the two are the same. Works in a single process
-    (world 1); with repeats 1 it is DistributedSampler(shuffle=True, drop_last=False).
+    Each rank keeps floor(len // 256 * 256 / world) samples, as timm (selected_round 256) and
+    tv: an epoch is len // 256 * 256 samples, so with 3 repeats a third of the images. That is
+    143 images fewer on ImageNet, but 12% fewer steps on 1,437 images, which changed a
+    15-epoch tv run by 10 points; we follow them. Below 256 images, where they would yield
+    nothing, each rank keeps ceil(len / world). Works in a single process (world 1).
     """
 
     def __init__(self, length, repeats, world=1, rank=0, seed=0, shuffle=True):
@@ -852,7 +853,8 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
             raise UserError(f"rank {rank} outside a world of {world}")
         self.length, self.repeats, self.world, self.rank = length, int(repeats), world, rank
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
-        self.num_samples = math.ceil(length / world)
+        rounded = length // 256 * 256
+        self.num_samples = rounded // world if rounded else math.ceil(length / world)
         self.total_size = math.ceil(length * self.repeats / world) * world
 
     def epoch_indices(self):
@@ -1640,6 +1642,30 @@ def amp_dtype_for(device, recipe, amp_dtype):
     return torch.bfloat16
 
 
+def augment_batch(images, target, recipe, num_classes, mix_rng):
+    """Random erasing and Mixup / CutMix on the normalised batch on its device, in the
+    reference's order: timm mixes in its collate function and its prefetcher erases the mixed
+    batch; tv erases each image in its transforms and mixes in the collate function."""
+    def erase(x):
+        if recipe["reprob"] and recipe["remode"] == "pixel":
+            random_erasing(x, recipe["reprob"], recipe["recount"])
+        elif recipe["reprob"]:
+            tv_random_erasing(x, recipe["reprob"])
+
+    def mix(x, y):
+        if recipe["mixup"] > 0 or recipe["cutmix"] > 0:
+            return mixup_cutmix(x, y, num_classes, recipe["mixup"], recipe["cutmix"],
+                                recipe["label_smoothing"], mix_rng, recipe["mixup_style"])
+        return x, y
+    if recipe["mixup_style"] == "timm":
+        images, target = mix(images, target)
+        erase(images)
+    else:
+        erase(images)
+        images, target = mix(images, target)
+    return images, target
+
+
 def train(recipe, args):
     if not Path(args.data).is_dir():
         raise UserError(f"data folder {args.data} does not exist")
@@ -1741,7 +1767,6 @@ def train(recipe, args):
     else:
         def loss_fn(logits, y):
             return cross_entropy(logits, y, recipe["label_smoothing"])
-    mixing = recipe["mixup"] > 0 or recipe["cutmix"] > 0
 
     for epoch in range(start_epoch, recipe["epochs"]):
         train_sampler.set_epoch(epoch)
@@ -1760,14 +1785,7 @@ def train(recipe, args):
                 group["lr"] = lr
             if not channels_last:
                 images = images.contiguous()
-            if recipe["reprob"] and recipe["remode"] == "pixel":
-                random_erasing(images, recipe["reprob"], recipe["recount"])
-            elif recipe["reprob"]:
-                tv_random_erasing(images, recipe["reprob"])
-            if mixing:
-                images, target = mixup_cutmix(images, target, num_classes, recipe["mixup"],
-                                              recipe["cutmix"], recipe["label_smoothing"],
-                                              mix_rng, recipe["mixup_style"])
+            images, target = augment_batch(images, target, recipe, num_classes, mix_rng)
             last_micro = (step + 1) % accum == 0
             sync = ddp_model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
             with sync:

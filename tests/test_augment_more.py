@@ -472,3 +472,41 @@ def test_train_transform_constructor_is_commons():
     state = torch.get_rng_state()
     TrainTransform(16, hflip=0.0)(make_image())
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("style", ["timm", "tv"])
+def test_batch_augmentation_order(style):
+    """The engine's order: timm mixes (collate function) and then erases (its prefetcher), so an
+    erased box holds pure noise; tv erases each image (transforms) and then mixes. Replayed by
+    hand with the same seeds: equal to one order and not to the other."""
+    recipe = dict(reprob=1.0, remode="pixel" if style == "timm" else "const", recount=1,
+                  mixup=0.5, cutmix=0.0, label_smoothing=0.1, mixup_style=style)
+    x0 = normalised_batch(6, 20, 24, seed=3)
+    y0 = torch.arange(6) % 4
+
+    def erase(x):
+        if style == "timm":
+            common.random_erasing(x, 1.0, 1)
+        else:
+            common.tv_random_erasing(x, 1.0)
+
+    def mix(x, y, rng):
+        return common.mixup_cutmix(x, y, 4, 0.5, 0.0, 0.1, rng, style)
+
+    def seeded():
+        random.seed(1)
+        torch.manual_seed(1)
+        return np.random.default_rng(2)
+
+    rng = seeded()
+    got, got_y = common.augment_batch(x0.clone(), y0, recipe, 4, rng)
+    rng = seeded()
+    mixed_first, y_mf = mix(x0.clone(), y0, rng)
+    erase(mixed_first)
+    rng = seeded()
+    erased_first = x0.clone()
+    erase(erased_first)
+    erased_first, y_ef = mix(erased_first, y0, rng)
+    want, other = (mixed_first, erased_first) if style == "timm" else (erased_first, mixed_first)
+    assert torch.equal(got, want) and not torch.equal(got, other)
+    assert torch.equal(got_y, y_mf) and torch.equal(got_y, y_ef)

@@ -317,23 +317,26 @@ def test_ema_state_dict_roundtrip():
 # Repeated-augmentation sampler
 # ==================================================================================================
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_sampler_equals_timm(world):
-    length = 256 * 4 * 2
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [256 * 4 * 2, 1437, 3001])
+def test_sampler_equals_timm(world, length):
+    """Same indices as timm's RepeatAugSampler, its truncation to a multiple of 256 included
+    (1437 images: 1280 samples an epoch, not 1437)."""
     for epoch in (0, 1):
         for rank in range(world):
             ref = RepeatAugSampler(range(length), num_replicas=world, rank=rank, num_repeats=3)
             ours = RepeatedAugSampler(length, 3, world, rank)
             ref.set_epoch(epoch)
             ours.set_epoch(epoch)
-            assert len(ours) == len(ref) == length // world
+            assert len(ours) == len(ref) == length // 256 * 256 // world
             assert list(ours) == list(ref)
 
 
 @pytest.mark.parametrize("length,world,repeats", [(50, 4, 3), (10, 3, 4), (1, 8, 3), (37, 1, 2)])
 def test_sampler_repeats_spread_over_ranks(length, world, repeats):
-    """Before truncation every index is there `repeats` times; the ranks share the padded list;
-    each yields ceil(length / world), so an epoch has at least len(dataset) samples."""
+    """Below 256 images (where timm and tv would yield nothing): before truncation every index
+    is there `repeats` times; the ranks share the padded list; each yields ceil(length /
+    world), so an epoch has at least len(dataset) samples."""
     samplers = [RepeatedAugSampler(length, repeats, world, r, seed=5) for r in range(world)]
     full = samplers[0].epoch_indices()
     assert len(full) % world == 0 and len(full) - length * repeats < world

@@ -55,7 +55,8 @@ def test_train_then_eval_then_resume(tiny_data, tmp_path):
     again = train(tiny_data, out, "--epochs", "2")
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
 
-    res = train(tiny_data, out, "--epochs", "3", "--resume", "auto")
+    # --fast-decode goes through train() (its pixels are tested in test_speed_paths.py)
+    res = train(tiny_data, out, "--epochs", "3", "--resume", "auto", "--fast-decode")
     assert res.returncode == 0, res.stderr
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
