@@ -936,6 +936,20 @@ def _batches(params):
     return out + [cur] if cur else out
 
 
+def _adam_moments(m, v, grads, beta1, beta2, sqrt_bc2, eps):
+    """Adam's moments updated in place in timm's order of operations (m = beta1 m + (1 - beta1)
+    g, v = beta2 v + (1 - beta2) g^2), and the denominator sqrt(v) / sqrt_bc2 + eps, where
+    sqrt_bc2 is one number or one per tensor."""
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, grads, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, sqrt_bc2)
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
 class Lamb(torch.optim.Optimizer):
     """timm.optim.Lamb: Adam moments with bias correction, the whole gradient first clipped to
     global norm `max_grad_norm`, then a per-tensor trust ratio ||w|| / ||update|| for tensors
@@ -973,14 +987,8 @@ class Lamb(torch.optim.Optimizer):
                 self.state[p]["exp_avg"] = torch.zeros_like(p)
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
         m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, g, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, group["eps"])
+        denom = _adam_moments(m, [self.state[p]["exp_avg_sq"] for p in params], g, beta1,
+                              beta2, math.sqrt(bc2), group["eps"])
         update = torch._foreach_div(m, bc1)
         torch._foreach_div_(update, denom)
         if group["weight_decay"] != 0:
@@ -1142,14 +1150,8 @@ class AdamP(torch.optim.Optimizer):
             neg_step.append(-group["lr"] / (1 - beta1 ** state["step"]))
         grads = [p.grad for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, grads, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, sqrt_bc2)
-        torch._foreach_add_(denom, group["eps"])
+        denom = _adam_moments(m, [self.state[p]["exp_avg_sq"] for p in params], grads, beta1,
+                              beta2, sqrt_bc2, group["eps"])
         if group["nesterov"]:
             # timm/clovaai: beta1 * m_t + (1 - beta1) * g_t, divided by the same lr / (1 -
             # beta1^t) as plain Adam (NAdam would use 1 - beta1^(t+1) for the m_t term)
