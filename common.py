@@ -468,9 +468,15 @@ class EvalTransform:
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 NCHW -> float32, (x - 255 mean) / (255 std), as timm's PrefetchLoader, on the
     batch's device: the CPU workers never touch floats."""
-    m = torch.tensor([255 * v for v in mean], device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor([255 * v for v in std], device=images.device).view(1, 3, 1, 1)
+    m, s = _mean_std(images.device, tuple(mean), tuple(std))
     return images.float().sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(device, mean, std):
+    # made once per device: a fresh copy from the host every batch would block on the stream
+    return (torch.tensor([255 * v for v in mean], device=device).view(1, 3, 1, 1),
+            torch.tensor([255 * v for v in std], device=device).view(1, 3, 1, 1))
 
 
 # ==================================================================================================
