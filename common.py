@@ -1058,17 +1058,9 @@ def _per_tensor(values, tensors):
     return out
 
 
-class RMSpropTF(torch.optim.Optimizer):
-    """timm.optim.RMSpropTF as timm's factory builds it for --opt rmsproptf: TensorFlow's RMSprop
-    (eps inside the sqrt, mean square initialised to ones, lr applied inside the momentum buffer),
-    L2 weight decay added to the gradient, not centered."""
-
-    def __init__(self, params, lr, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.0):
-        if lr < 0 or eps < 0 or momentum < 0 or weight_decay < 0 or alpha < 0:
-            raise ValueError(f"RMSpropTF: invalid lr={lr} alpha={alpha} eps={eps} "
-                             f"weight_decay={weight_decay} momentum={momentum}")
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum))
+class _SlicedOptimizer(torch.optim.Optimizer):
+    """step(): per param group, the tensors with a gradient, in the slices of _batches, go to
+    the subclass's _update(params, group)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1080,6 +1072,22 @@ class RMSpropTF(torch.optim.Optimizer):
             for params in _batches([p for p in group["params"] if p.grad is not None]):
                 self._update(params, group)
         return loss
+
+    def _update(self, params, group):
+        raise NotImplementedError
+
+
+class RMSpropTF(_SlicedOptimizer):
+    """timm.optim.RMSpropTF as timm's factory builds it for --opt rmsproptf: TensorFlow's RMSprop
+    (eps inside the sqrt, mean square initialised to ones, lr applied inside the momentum buffer),
+    L2 weight decay added to the gradient, not centered."""
+
+    def __init__(self, params, lr, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.0):
+        if lr < 0 or eps < 0 or momentum < 0 or weight_decay < 0 or alpha < 0:
+            raise ValueError(f"RMSpropTF: invalid lr={lr} alpha={alpha} eps={eps} "
+                             f"weight_decay={weight_decay} momentum={momentum}")
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum))
 
     def _update(self, params, group):
         momentum = group["momentum"]
@@ -1116,7 +1124,7 @@ class RMSpropTF(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, grads, rms, value=-group["lr"])
 
 
-class AdamP(torch.optim.Optimizer):
+class AdamP(_SlicedOptimizer):
     """timm.optim.AdamP (Heo et al. 2021) with the settings of timm's factory for --opt adamp
     (wd_ratio 0.01, nesterov). Adam with bias correction and decoupled weight decay; for weights
     with ndim > 1 whose gradient is nearly orthogonal to the weight (scale-invariant weights, e.g.
@@ -1128,17 +1136,6 @@ class AdamP(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
                                       nesterov=nesterov))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for params in _batches([p for p in group["params"] if p.grad is not None]):
-                self._update(params, group)
-        return loss
 
     def _update(self, params, group):
         beta1, beta2 = group["betas"]
