@@ -153,7 +153,31 @@ def time_passes(candidates, paths, rounds):
     return {name: len(paths) / statistics.median(t) for name, t in times.items()}
 
 
-def bench_pipeline(args):
+def device_aug_rate(transform, load, paths, device, rounds, batch=128):
+    """Images/s of the --device-aug half that leaves the workers: device_augment on batches of
+    the images and ops the workers returned, on `device` (one thread on a CPU)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    samples = [load(p) for p in paths]
+    images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2)
+    ops = torch.from_numpy(np.stack([s[1] for s in samples]))
+    images = images.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def one_pass():
+        sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(samples), batch):
+            transform.on_device(images[i:i + batch].clone(), ops[i:i + batch])
+        sync()
+        return time.perf_counter() - t0
+
+    one_pass()  # warm-up
+    return len(samples) / statistics.median(one_pass() for _ in range(rounds))
+
+
+def bench_pipeline(args, device):
     torch.set_num_threads(1)
     if args.jpegs:
         paths = sorted(p for p in Path(args.jpegs).rglob("*")
@@ -178,28 +202,43 @@ def bench_pipeline(args):
         tv = name == "tv"
         ref_name = "torchvision preset" if tv else "timm create_transform"
         ref = tv_preset if tv else timm_transform
+        deferred = common.TrainTransform(recipe["train_size"], recipe["interpolation"],
+                                         recipe["auto_augment"], device_aug=True)
         train = {
             "ours": ours_loader(common.TrainTransform(
                 recipe["train_size"], recipe["interpolation"], recipe["auto_augment"])),
             "ours --fast-decode": ours_loader(common.TrainTransform(
                 recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
                 fast_decode=True)),
+            "ours --device-aug": ours_loader(deferred),
+            "ours --device-aug --fast-decode": ours_loader(common.TrainTransform(
+                recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
+                fast_decode=True, device_aug=True)),
             "ref": reference_loader(ref(recipe, True)),
         }
         ips = time_passes(train, paths, args.rounds)
+        device_ips = device_aug_rate(deferred, train["ours --device-aug"], paths, device,
+                                     args.rounds)
         rows.append((name, f"train {recipe['train_size']} px, {recipe['auto_augment']}",
                      ref_name, f"{ips['ref']:.0f}", f"{ips['ours']:.0f}",
                      f"{ips['ours'] / ips['ref']:.2f}", f"{ips['ours --fast-decode']:.0f}",
-                     f"{ips['ours --fast-decode'] / ips['ref']:.2f}"))
+                     f"{ips['ours --fast-decode'] / ips['ref']:.2f}",
+                     f"{ips['ours --device-aug']:.0f}",
+                     f"{ips['ours --device-aug'] / ips['ref']:.2f}",
+                     f"{ips['ours --device-aug --fast-decode']:.0f}",
+                     f"{ips['ours --device-aug --fast-decode'] / ips['ref']:.2f}",
+                     f"{device_ips:.0f}"))
         evals = {"ours": ours_loader(common.EvalTransform(
                      recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"])),
                  "ref": reference_loader(ref(recipe, False))}
         ips = time_passes(evals, paths, args.rounds)
         rows.append((name, f"eval {recipe['eval_resize']} -> {recipe['eval_size']} px", ref_name,
                      f"{ips['ref']:.0f}", f"{ips['ours']:.0f}",
-                     f"{ips['ours'] / ips['ref']:.2f}", "", ""))
+                     f"{ips['ours'] / ips['ref']:.2f}", "", "", "", "", "", "", ""))
     table(("recipe", "transform", "reference", "reference img/s", "ours img/s", "ratio",
-           "ours --fast-decode img/s", "ratio"), rows)
+           "ours --fast-decode img/s", "ratio", "ours --device-aug worker img/s", "ratio",
+           "ours --device-aug --fast-decode worker img/s", "ratio",
+           f"--device-aug ops on {device.type} img/s"), rows)
     fast_decode_deviation(paths)
 
 
@@ -462,7 +501,7 @@ def main():
         p.error(f"unknown section(s) {sorted(set(sections) - {'pipeline', 'step', 'optim'})}")
     print(f"# bench.py, {time.strftime('%Y-%m-%d %H:%M')}\n\n{machine(device)}\n", flush=True)
     if "pipeline" in sections:
-        bench_pipeline(args)
+        bench_pipeline(args, device)
     if "step" in sections:
         bench_step(args, device)
     if "optim" in sections:

@@ -357,9 +357,14 @@ def to_uint8(img):
 
 
 def collate(batch):
-    """uint8 NCHW batch (channels_last memory, free to make) and int64 targets."""
-    images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
-    return images, torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    """uint8 NCHW batch (channels_last memory, free to make) and int64 targets; with
+    --device-aug also the ops drawn for each image, float64 [N, slots, 7]."""
+    samples, ops = [b[0] for b in batch], None
+    if isinstance(samples[0], tuple):
+        samples, ops = zip(*samples)
+    images = torch.from_numpy(np.stack(samples)).permute(0, 3, 1, 2)
+    target = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return (images, target) if ops is None else (images, target, torch.from_numpy(np.stack(ops)))
 
 
 def random_resized_crop_params(width, height, scale, ratio, rng=random):
@@ -417,11 +422,15 @@ class TrainTransform:
     fast_decode: the crop is drawn from the file's header before decoding, and a JPEG whose crop
     is at least 2x the output size is decoded at 1/2, 1/4 or 1/8 scale (PIL draft), then the same
     crop is resized from it. Same random draws and crop geometry; the pixels differ a little
-    (libjpeg's scaled IDCT instead of the first part of the bicubic downscale)."""
+    (libjpeg's scaled IDCT instead of the first part of the bicubic downscale).
+
+    device_aug: RandAugment / TrivialAugment ops are drawn here, as always, but not applied:
+    the image comes back with them, (uint8 HWC, encode_ops), and on_device applies them to the
+    batch (device_augment), to the same pixels."""
 
     def __init__(self, size, interpolation="bicubic", auto_augment=None, hflip=0.5,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN,
-                 fast_decode=False):
+                 fast_decode=False, device_aug=False):
         self.size, self.interpolation, self.hflip = size, interpolation, hflip
         self.scale, self.ratio, self.fast_decode = scale, ratio, fast_decode
         self.trivial_augment = auto_augment == "ta_wide"
@@ -429,6 +438,7 @@ class TrainTransform:
                              if auto_augment and not self.trivial_augment else None)
         # timm: RandAugment fills with the dataset mean and resamples with the train interpolation
         self.fill = tuple(min(255, round(255 * m)) for m in mean)
+        self.device_aug = device_aug and (self.trivial_augment or self.rand_augment is not None)
 
     def __call__(self, img):
         width, height = img.size  # from the header: nothing is decoded yet
@@ -446,12 +456,25 @@ class TrainTransform:
             img = rgb(img).crop((left, top, left + w, top + h)).resize(out, resample)
         if self.hflip > 0 and torch.rand(1) < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.device_aug:
+            if self.trivial_augment:
+                ops = [trivial_augment_primitive(*trivial_augment_draw(), img.size)]
+            else:
+                ops = [rand_augment_primitive(name, m, img.size)
+                       for name, m in rand_augment_draws(self.rand_augment)]
+            return to_uint8(img), encode_ops(ops, 1 if self.trivial_augment
+                                             else self.rand_augment["n"])
         if self.trivial_augment:
             img = trivial_augment(img, INTERPOLATION[self.interpolation])
         elif self.rand_augment:
             img = rand_augment(img, self.rand_augment, self.fill,
                                INTERPOLATION[self.interpolation])
         return to_uint8(img)
+
+    def on_device(self, images, ops):
+        """The ops sent with a device_aug batch, applied on the images' device."""
+        fill = (0, 0, 0) if self.trivial_augment else self.fill  # tv's recipe: black
+        return device_augment(images, ops, INTERPOLATION[self.interpolation], fill)
 
 
 class EvalTransform:
@@ -528,51 +551,92 @@ def _signed(v):
     return -v if random.random() > 0.5 else v  # timm flips the sign of an op with p 0.5
 
 
-def augment_op(img, name, magnitude, fill=(128, 128, 128), resample=Image.BICUBIC):
-    """One RandAugment op at `magnitude` in [0, 10], with timm's magnitude-to-argument maps."""
-    level = magnitude / 10.0
-    affine = dict(resample=resample, fillcolor=fill)
-    if name == "AutoContrast":
+# Every RandAugment and TrivialAugment op resolves to one of these primitives and its arguments
+# (an affine op to Pillow's inverse matrix). The PIL path applies it with apply_op; --device-aug
+# sends it with the image and device_augment applies it to the batch. Both draw the same way.
+PRIMITIVES = ("identity", "affine", "autocontrast", "equalize", "invert", "posterize",
+              "solarize", "solarize_add", "brightness", "color", "contrast", "sharpness")
+
+
+def rotate_matrix(angle, size):
+    """The inverse affine matrix Image.rotate(angle) samples with (about the centre, no expand),
+    with Pillow's float operations: its 0/90/180 shortcuts give the same pixels as sampling."""
+    w, h = size
+    cx, cy = w / 2, h / 2
+    t = -math.radians(angle % 360.0)
+    a, b = round(math.cos(t), 15), round(math.sin(t), 15)
+    d, e = round(-math.sin(t), 15), round(math.cos(t), 15)
+    return (a, b, a * -cx + b * -cy + 0.0 + cx, d, e, d * -cx + e * -cy + 0.0 + cy)
+
+
+def apply_op(img, op, resample, fill):
+    """One primitive (name, *args) on a PIL image."""
+    name, *a = op
+    if name == "affine":
+        return img.transform(img.size, Image.AFFINE, tuple(a), resample, fillcolor=fill)
+    if name == "autocontrast":
         return ImageOps.autocontrast(img)
-    if name == "Equalize":
+    if name == "equalize":
         return ImageOps.equalize(img)
-    if name == "Invert":
+    if name == "invert":
         return ImageOps.invert(img)
-    if name == "Rotate":
-        return img.rotate(_signed(level * 30.0), **affine)
-    if name in ("Posterize", "PosterizeIncreasing"):
-        bits = int(level * 4) if name == "Posterize" else 4 - int(level * 4)
+    if name == "posterize":
+        bits = int(a[0])
         if bits <= 0:  # Pillow >= 13 refuses 0 bits; older Pillow (and so timm) gave black
             return img.point(lambda _: 0)
         return img if bits >= 8 else ImageOps.posterize(img, bits)
+    if name == "solarize":
+        return ImageOps.solarize(img, a[0])
+    if name == "solarize_add":
+        add = int(a[0])
+        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+    if name in ("brightness", "color", "contrast", "sharpness"):
+        return ENHANCE[name.capitalize()](img).enhance(a[0])
+    if name == "identity":
+        return img
+    raise ValueError(f"unknown primitive {name}")
+
+
+def rand_augment_primitive(name, magnitude, size):
+    """A RandAugment op at `magnitude` in [0, 10] as a primitive, with timm's
+    magnitude-to-argument maps; draws the sign of signed ops as timm does."""
+    level = magnitude / 10.0
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return (name.lower(),)
+    if name == "Rotate":
+        return ("affine",) + rotate_matrix(_signed(level * 30.0), size)
+    if name in ("Posterize", "PosterizeIncreasing"):
+        return ("posterize", int(level * 4) if name == "Posterize" else 4 - int(level * 4))
     if name in ("Solarize", "SolarizeIncreasing"):
         thresh = min(256, int(level * 256))
-        return ImageOps.solarize(img, thresh if name == "Solarize" else 256 - thresh)
+        return ("solarize", thresh if name == "Solarize" else 256 - thresh)
     if name == "SolarizeAdd":
-        add = min(128, int(level * 110))
-        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+        return ("solarize_add", min(128, int(level * 110)))
     if name in ENHANCE:
-        return ENHANCE[name](img).enhance(level * 1.8 + 0.1)
+        return (name.lower(), level * 1.8 + 0.1)
     if name.endswith("Increasing"):
-        factor = max(0.1, 1.0 + _signed(level * 0.9))
-        return ENHANCE[name[:-len("Increasing")]](img).enhance(factor)
+        return (name[:-len("Increasing")].lower(), max(0.1, 1.0 + _signed(level * 0.9)))
     if name in ("ShearX", "ShearY"):
         s = _signed(level * 0.3)
-        matrix = (1, s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, s, 1, 0)
-        return img.transform(img.size, Image.AFFINE, matrix, **affine)
+        return ("affine",) + ((1, s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, s, 1, 0))
     if name in ("TranslateXRel", "TranslateYRel"):
         pct = _signed(level * 0.45)
-        matrix = ((1, 0, pct * img.size[0], 0, 1, 0) if name == "TranslateXRel"
-                  else (1, 0, 0, 0, 1, pct * img.size[1]))
-        return img.transform(img.size, Image.AFFINE, matrix, **affine)
+        return ("affine",) + ((1, 0, pct * size[0], 0, 1, 0) if name == "TranslateXRel"
+                              else (1, 0, 0, 0, 1, pct * size[1]))
     raise ValueError(f"unknown RandAugment op {name}")
 
 
-def rand_augment(img, cfg, fill, resample):
-    """n ops drawn uniformly with replacement; each applied with probability p at a magnitude
-    drawn from N(m, mstd) clamped to [0, mmax] (timm's RandAugment and AugmentOp). timm draws
-    the ops with np.random.choice from numpy's global RNG (seeded per worker by worker_init) and
-    the rest from `random`: the same here, so seeding both gives timm's image."""
+def augment_op(img, name, magnitude, fill=(128, 128, 128), resample=Image.BICUBIC):
+    """One RandAugment op at `magnitude` in [0, 10], with timm's magnitude-to-argument maps."""
+    return apply_op(img, rand_augment_primitive(name, magnitude, img.size), resample, fill)
+
+
+def rand_augment_draws(cfg):
+    """(op name, magnitude) of each op applied: n ops drawn uniformly with replacement, each
+    kept with probability p at a magnitude drawn from N(m, mstd) clamped to [0, mmax] (timm's
+    RandAugment and AugmentOp). timm draws the ops with np.random.choice from numpy's global RNG
+    (seeded per worker by worker_init) and the rest from `random`: the same here, so seeding
+    both gives timm's image."""
     for index in np.random.choice(len(cfg["ops"]), cfg["n"]):
         name = cfg["ops"][index]
         if cfg["p"] < 1.0 and random.random() > cfg["p"]:
@@ -582,7 +646,13 @@ def rand_augment(img, cfg, fill, resample):
             m = random.uniform(0, m)
         elif cfg["mstd"] > 0:
             m = random.gauss(m, cfg["mstd"])
-        img = augment_op(img, name, max(0.0, min(m, cfg["mmax"] or 10.0)), fill, resample)
+        yield name, max(0.0, min(m, cfg["mmax"] or 10.0))
+
+
+def rand_augment(img, cfg, fill, resample):
+    """timm's RandAugment on a PIL image (see rand_augment_draws)."""
+    for name, magnitude in rand_augment_draws(cfg):
+        img = augment_op(img, name, magnitude, fill, resample)
     return img
 
 
@@ -646,44 +716,43 @@ def _tv_affine_matrix(center, angle, translate, shear):
     return matrix
 
 
-def trivial_augment_op(img, name, magnitude, resample=Image.BILINEAR, fill=None):
-    """One TrivialAugmentWide op with its signed magnitude, as tv's _apply_op on a PIL image."""
-    fillcolor = _tv_fill(fill, img)
-    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
-        w, h = img.size
-        # tv: shears are given to affine as angles (atan of the magnitude) about the top-left
-        # corner, translations as whole pixels (int truncates) about the image centre
-        shear = math.degrees(math.atan(magnitude))
-        if name == "ShearX":
-            matrix = _tv_affine_matrix([0, 0], 0.0, [0, 0], [shear, 0.0])
-        elif name == "ShearY":
-            matrix = _tv_affine_matrix([0, 0], 0.0, [0, 0], [0.0, shear])
-        elif name == "TranslateX":
-            matrix = _tv_affine_matrix([w * 0.5, h * 0.5], 0.0, [int(magnitude), 0], [0.0, 0.0])
-        else:
-            matrix = _tv_affine_matrix([w * 0.5, h * 0.5], 0.0, [0, int(magnitude)], [0.0, 0.0])
-        return img.transform(img.size, Image.AFFINE, matrix, resample, fillcolor=fillcolor)
+def trivial_augment_primitive(name, magnitude, size):
+    """One TrivialAugmentWide op with its signed magnitude as a primitive, as tv's _apply_op
+    computes it for a PIL image."""
+    w, h = size
+    # tv: shears are given to affine as angles (atan of the magnitude) about the top-left
+    # corner, translations as whole pixels (int truncates) about the image centre
+    shear = math.degrees(math.atan(magnitude)) if name.startswith("Shear") else 0.0
+    if name == "ShearX":
+        return ("affine", *_tv_affine_matrix([0, 0], 0.0, [0, 0], [shear, 0.0]))
+    if name == "ShearY":
+        return ("affine", *_tv_affine_matrix([0, 0], 0.0, [0, 0], [0.0, shear]))
+    if name in ("TranslateX", "TranslateY"):
+        move = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
+        return ("affine", *_tv_affine_matrix([w * 0.5, h * 0.5], 0.0, move, [0.0, 0.0]))
     if name == "Rotate":
-        return img.rotate(magnitude, resample, False, None, fillcolor=fillcolor)
+        return ("affine",) + rotate_matrix(magnitude, size)
     if name in ENHANCE:
-        return ENHANCE[name](img).enhance(1.0 + magnitude)
+        return (name.lower(), 1.0 + magnitude)
     if name == "Posterize":
-        return ImageOps.posterize(img, int(magnitude))
+        return ("posterize", int(magnitude))
     if name == "Solarize":
-        return ImageOps.solarize(img, magnitude)
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(img)
-    if name == "Equalize":
-        return ImageOps.equalize(img)
-    if name == "Identity":
-        return img
+        return ("solarize", magnitude)
+    if name in ("AutoContrast", "Equalize", "Identity"):
+        return (name.lower(),)
     raise ValueError(f"unknown TrivialAugment op {name}")
 
 
-def trivial_augment(img, resample=Image.BILINEAR, fill=None):
-    """TrivialAugment Wide (Muller & Hutter 2021) as tv's TrivialAugmentWide: one op drawn
-    uniformly, one of its 31 magnitude bins, then a sign, all from torch's RNG in tv's order, so
-    a torch seed gives tv's image. tv's recipe passes no fill: black."""
+def trivial_augment_op(img, name, magnitude, resample=Image.BILINEAR, fill=None):
+    """One TrivialAugmentWide op with its signed magnitude, as tv's _apply_op on a PIL image."""
+    op = trivial_augment_primitive(name, magnitude, img.size)
+    return apply_op(img, op, resample, _tv_fill(fill, img))
+
+
+def trivial_augment_draw():
+    """(op name, signed magnitude) as tv's TrivialAugmentWide draws them: one op uniformly, one
+    of its 31 magnitude bins, then a sign, all from torch's RNG in tv's order, so a torch seed
+    gives tv's image."""
     names = list(TRIVIAL_AUGMENT_WIDE)
     name = names[int(torch.randint(len(names), (1,)).item())]
     magnitudes, signed = TRIVIAL_AUGMENT_WIDE[name]
@@ -692,7 +761,181 @@ def trivial_augment(img, resample=Image.BILINEAR, fill=None):
         magnitude = magnitudes[int(torch.randint(len(magnitudes), (1,)).item())]
     if signed and torch.randint(2, (1,)):
         magnitude = -magnitude
-    return trivial_augment_op(img, name, magnitude, resample, fill)
+    return name, magnitude
+
+
+def trivial_augment(img, resample=Image.BILINEAR, fill=None):
+    """TrivialAugment Wide (Muller & Hutter 2021) as tv's TrivialAugmentWide. tv's recipe passes
+    no fill: black."""
+    return trivial_augment_op(img, *trivial_augment_draw(), resample, fill)
+
+
+# --device-aug: the same ops on the batch, on its device. The workers draw the primitives (as
+# above, same RNG calls) and send them with the uint8 image; device_augment applies them to the
+# whole batch as Pillow computes them: the same sampling positions, taps, float precision,
+# rounding and clipping, so the images equal the PIL path's (tests/test_device_aug.py).
+
+def encode_ops(ops, slots):
+    """[(name, *args)] -> float64 [slots, 7]: primitive index, then up to 6 arguments; unused
+    slots (ops skipped with probability 1 - p) are identity."""
+    out = np.zeros((slots, 7), dtype=np.float64)
+    for row, (name, *args) in zip(out, ops):
+        row[0] = PRIMITIVES.index(name)
+        row[1:1 + len(args)] = args
+    return out
+
+
+def device_augment(images, ops, resample=Image.BICUBIC, fill=(0, 0, 0)):
+    """uint8 NCHW `images` on any device; `ops` float64 [N, slots, 7] on the host (encode_ops).
+    Slot by slot, the images drawing the same primitive are processed together."""
+    for k in range(ops.shape[1]):
+        codes = ops[:, k, 0].long()
+        for code in torch.unique(codes).tolist():
+            if PRIMITIVES[code] == "identity":
+                continue
+            index = (codes == code).nonzero().squeeze(1)
+            args = ops[index, k, 1:].to(images.device, non_blocking=True)
+            index = index.to(images.device, non_blocking=True)
+            images[index] = DEVICE_OPS[PRIMITIVES[code]](images[index], args, resample, fill)
+    return images
+
+
+def _pil_luma(x):
+    # Pillow's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16, exact in integers
+    x = x.int()
+    return (x[:, 0] * 19595 + x[:, 1] * 38470 + x[:, 2] * 7471 + 32768) >> 16
+
+
+def _blend(degenerate, x, factor):
+    """Image.blend(degenerate, x, factor), Pillow's float32 arithmetic, then clip and truncate."""
+    alpha = factor.float().view(-1, 1, 1, 1)
+    degenerate = degenerate.float()
+    out = degenerate + alpha * (x.float() - degenerate)
+    return out.clamp_(0, 255).trunc_().to(torch.uint8)
+
+
+def _smooth(x):
+    """ImageFilter.SMOOTH (3x3, 1 1 1 / 1 5 1 / 1 1 1, over 13) as Pillow's float32 filter sums
+    it: the row below first, +0.5, truncated; the border pixels are kept."""
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        return x
+    f = x.float()
+    k1, k5 = torch.tensor(1 / 13, dtype=torch.float32), torch.tensor(5 / 13, dtype=torch.float32)
+
+    def row(r, centre):
+        return (r[..., :-2] * k1 + r[..., 1:-1] * centre) + r[..., 2:] * k1
+
+    s = row(f[:, :, 2:], k1) + 0.5
+    s = s + row(f[:, :, 1:-1], k5)
+    s = s + row(f[:, :, :-2], k1)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = s.clamp_(0, 255).trunc_().to(torch.uint8)
+    return out
+
+
+def _affine(x, a, resample, fill):
+    """Image.transform(AFFINE, a, resample, fillcolor=fill) on each image: output pixel centre
+    (x + .5, y + .5) maps through a to (u, v); outside [0, w) x [0, h) it is fill, inside
+    Pillow's bilinear or bicubic (a = -1, edges clamped) taps at (u - .5, v - .5), in float64
+    as Pillow computes them, then clipped and truncated."""
+    m, c, h, w = x.shape
+    a = a.double().view(m, 6, 1, 1)
+    xs = torch.arange(w, device=x.device, dtype=torch.float64) + 0.5
+    ys = (torch.arange(h, device=x.device, dtype=torch.float64) + 0.5).view(h, 1)
+    u = a[:, 0] * xs + a[:, 1] * ys + a[:, 2]
+    v = a[:, 3] * xs + a[:, 4] * ys + a[:, 5]
+    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    n = {Image.BILINEAR: 2, Image.BICUBIC: 4}.get(resample)
+    if n is None:  # Pillow's nearest takes another, incremental path; no recipe uses it
+        raise UserError("--device-aug resamples with bilinear or bicubic only")
+    flat = x.reshape(m, c, h * w).double()
+    col0, row0 = (u - 0.5).floor(), (v - 0.5).floor()
+    du, dv = (u - 0.5) - col0, (v - 0.5) - row0
+    if n == 4:
+        col0, row0 = col0 - 1, row0 - 1
+    cols = [(col0 + i).clamp(0, w - 1).long() for i in range(n)]
+    rows = [(row0 + j).clamp(0, h - 1).long() * w for j in range(n)]
+
+    def tap(r, col):
+        return flat.gather(2, (r + col).view(m, 1, h * w).expand(m, c, h * w)).view(m, c, h, w)
+
+    def interpolate(p, d):
+        d = d.unsqueeze(1)
+        if len(p) == 2:
+            return p[0] + (p[1] - p[0]) * d
+        # Pillow's BICUBIC macro, Horner's form and its order of operations
+        p1, p2 = p[1], -p[0] + p[2]
+        p3, p4 = 2 * (p[0] - p[1]) + p[2] - p[3], -p[0] + p[1] - p[2] + p[3]
+        return p1 + d * (p2 + d * (p3 + d * p4))
+
+    out = interpolate([interpolate([tap(r, col) for col in cols], du) for r in rows], dv)
+    out = out.clamp_(0, 255).trunc_().to(torch.uint8)
+    fill = torch.tensor(fill, dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
+    return torch.where(inside.unsqueeze(1), out, fill)
+
+
+def _autocontrast(x, a, resample, fill):
+    # ImageOps.autocontrast, cutoff 0: each band's [lo, hi] stretched to [0, 255], int() truncates
+    lo = x.amin(dim=(2, 3), keepdim=True).double()
+    hi = x.amax(dim=(2, 3), keepdim=True).double()
+    # a tensor divided by a tensor: torch's scalar / tensor multiplies by the reciprocal, and
+    # CUDA's tensor / scalar too, a last bit off Python's division that can flip the truncation
+    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp(min=1)
+    out = (x.double() * scale + -lo * scale).trunc_().clamp_(0, 255).to(torch.uint8)
+    return torch.where(hi > lo, out, x)
+
+
+def _equalize(x, a, resample, fill):
+    # ImageOps.equalize: step = (pixels - count of the top value) // 255, lut from the
+    # cumulative histogram; a band with step 0 is kept
+    m, c, h, w = x.shape
+    flat = x.reshape(m * c, h * w).long()
+    hist = torch.zeros(m * c, 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    top = hist.gather(1, flat.amax(dim=1, keepdim=True))
+    step = (h * w - top) // 255
+    below = hist.cumsum(1) - hist
+    lut = ((step // 2 + below) // step.clamp(min=1)).clamp_(max=255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=x.device))
+    return lut.gather(1, flat).to(torch.uint8).view(m, c, h, w)
+
+
+def _posterize(x, a, resample, fill):
+    bits = a[:, 0].long().clamp(0, 8).view(-1, 1, 1, 1)
+    mask = (256 - (1 << (8 - bits))).clamp(min=0).to(torch.uint8)  # 0 bits: black
+    return x & mask
+
+
+def _solarize(x, a, resample, fill):
+    return torch.where(x.double() >= a[:, :1].view(-1, 1, 1, 1), 255 - x, x)
+
+
+def _solarize_add(x, a, resample, fill):
+    add = a[:, 0].long().view(-1, 1, 1, 1)
+    return torch.where(x < 128, (x.long() + add).clamp(max=255).to(torch.uint8), x)
+
+
+def _contrast(x, a, resample, fill):
+    # degenerate: the grey of int(mean of L + 0.5) (ImageStat), here in exact integers
+    luma = _pil_luma(x)
+    n = luma[0].numel()
+    grey = ((2 * luma.sum(dim=(1, 2)) + n) // (2 * n)).view(-1, 1, 1, 1).expand_as(x)
+    return _blend(grey, x, a[:, 0])
+
+
+DEVICE_OPS = {
+    "affine": _affine,
+    "autocontrast": _autocontrast,
+    "equalize": _equalize,
+    "invert": lambda x, a, r, f: 255 - x,
+    "posterize": _posterize,
+    "solarize": _solarize,
+    "solarize_add": _solarize_add,
+    "brightness": lambda x, a, r, f: _blend(torch.zeros_like(x), x, a[:, 0]),
+    "color": lambda x, a, r, f: _blend(_pil_luma(x).unsqueeze(1).expand_as(x), x, a[:, 0]),
+    "contrast": _contrast,
+    "sharpness": lambda x, a, r, f: _blend(_smooth(x), x, a[:, 0]),
+}
 
 
 # Random erasing (Zhong et al. 2017): timm's on the device, tv's constant-value variant
@@ -1537,15 +1780,19 @@ def make_loader(dataset, batch, workers, device, sampler, drop_last):
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
-def to_device(loader, device):
+def to_device(loader, device, augment=None):
     """The loader's batches on `device`, normalised. On CUDA, timm's PrefetchLoader: the next
-    batch is copied and normalised on a side stream while the current one trains."""
+    batch is copied and normalised on a side stream while the current one trains. A batch that
+    comes with ops (--device-aug) is first augmented by `augment(images, ops)` there."""
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def load(batch):
-        images, target = batch
+        images, target, *ops = batch
         with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-            images = normalize(images.to(device, non_blocking=True))
+            images = images.to(device, non_blocking=True)
+            if ops:
+                images = augment(images, ops[0])
+            images = normalize(images)
             target = target.to(device, non_blocking=True)
         return images, target
 
@@ -1696,7 +1943,7 @@ def train(recipe, args):
     root = Path(args.data)
     train_set = ImageFolder(root / "train", TrainTransform(
         recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
-        fast_decode=args.fast_decode), skip_bad=True)
+        fast_decode=args.fast_decode, device_aug=args.device_aug), skip_bad=True)
     val_set = ImageFolder(root / "val", EvalTransform(
         recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"]))
     if val_set.classes != train_set.classes:
@@ -1783,7 +2030,8 @@ def train(recipe, args):
             from tqdm import tqdm
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe['epochs']}",
                        leave=False, dynamic_ncols=True, mininterval=1.0)
-        for step, (images, target) in zip(range(steps), to_device(train_loader, device)):
+        batches = to_device(train_loader, device, train_set.transform.on_device)
+        for step, (images, target) in zip(range(steps), batches):
             t = epoch + (step // accum * accum) / steps if recipe["sched_per_step"] else epoch
             lr = lr_at(t, recipe, noise_seed=args.seed)
             for group in optimizer.param_groups:
@@ -2020,6 +2268,9 @@ def run_parser():
     p.add_argument("--fast-decode", action="store_true", help="decode training JPEGs at 1/2, "
                    "1/4 or 1/8 scale where the crop stays at least the train size (faster; "
                    "pixels differ slightly, see README Speed)")
+    p.add_argument("--device-aug", action="store_true", help="apply RandAugment / "
+                   "TrivialAugment to the batch on the device instead of in the workers (same "
+                   "draws, same pixels; frees the CPU, see README Speed)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--log-interval", type=int, default=20, help="steps between loss reads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

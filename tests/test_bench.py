@@ -26,6 +26,8 @@ def test_bench_pipeline_runs():
     assert len(a3) == len(tv) == 2  # train and eval rows
     assert "timm create_transform" in a3[0] and "torchvision preset" in tv[0]
     assert all(re.search(r"\| \d+ \| \d+ \| \d+\.\d\d \|", r) for r in a3 + tv)
+    # train rows: --fast-decode, --device-aug, both, then the device half of --device-aug
+    assert all(re.search(r"(\| \d+ \| \d+\.\d\d ){3}\| \d+ \|$", r) for r in (a3[0], tv[0]))
     assert rows(out, "224") and rows(out, "128")  # the --fast-decode pixel table
 
 
