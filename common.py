@@ -848,7 +848,7 @@ def _affine(x, a, resample, fill):
     n = {Image.BILINEAR: 2, Image.BICUBIC: 4}.get(resample)
     if n is None:  # Pillow's nearest takes another, incremental path; no recipe uses it
         raise UserError("--device-aug resamples with bilinear or bicubic only")
-    flat = x.reshape(m, c, h * w).double()
+    flat = x.reshape(m, c, h * w)
     col0, row0 = (u - 0.5).floor(), (v - 0.5).floor()
     du, dv = (u - 0.5) - col0, (v - 0.5) - row0
     if n == 4:
@@ -856,16 +856,19 @@ def _affine(x, a, resample, fill):
     cols = [(col0 + i).clamp(0, w - 1).long() for i in range(n)]
     rows = [(row0 + j).clamp(0, h - 1).long() * w for j in range(n)]
 
-    def tap(r, col):
-        return flat.gather(2, (r + col).view(m, 1, h * w).expand(m, c, h * w)).view(m, c, h, w)
+    def tap(r, col):  # uint8 gather; the integer sums below are exact, as in Pillow's doubles
+        index = (r + col).view(m, 1, h * w).expand(m, c, h * w)
+        return flat.gather(2, index).view(m, c, h, w).int()
 
     def interpolate(p, d):
+        # Pillow's BILINEAR and BICUBIC macros in doubles, in their order of operations; on the
+        # integer taps of the first pass the sums are exact, so they are done in int32
         d = d.unsqueeze(1)
         if len(p) == 2:
-            return p[0] + (p[1] - p[0]) * d
-        # Pillow's BICUBIC macro, Horner's form and its order of operations
+            return p[0].double() + (p[1] - p[0]).double() * d
         p1, p2 = p[1], -p[0] + p[2]
         p3, p4 = 2 * (p[0] - p[1]) + p[2] - p[3], -p[0] + p[1] - p[2] + p[3]
+        p1, p2, p3, p4 = (t.double() for t in (p1, p2, p3, p4))
         return p1 + d * (p2 + d * (p3 + d * p4))
 
     out = interpolate([interpolate([tap(r, col) for col in cols], du) for r in rows], dv)
@@ -1940,6 +1943,9 @@ def train(recipe, args):
     log(f"{world} process(es) on {device}, {per_device} images per device x {accum} "
         f"accumulation step(s) = global batch {effective}")
 
+    if args.device_aug and device.type != "cuda":
+        log(f"note: --device-aug on {device.type} runs the augmentation in the main process, "
+            "slower than in the workers; it is meant for GPUs")
     root = Path(args.data)
     train_set = ImageFolder(root / "train", TrainTransform(
         recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
