@@ -788,15 +788,25 @@ def encode_ops(ops, slots):
 def device_augment(images, ops, resample=Image.BICUBIC, fill=(0, 0, 0)):
     """uint8 NCHW `images` on any device; `ops` float64 [N, slots, 7] on the host (encode_ops).
     Slot by slot, the images drawing the same primitive are processed together."""
+    affine = PRIMITIVES.index("affine")
     for k in range(ops.shape[1]):
-        codes = ops[:, k, 0].long()
-        for code in torch.unique(codes).tolist():
-            if PRIMITIVES[code] == "identity":
+        codes, a = ops[:, k, 0].long(), ops[:, k, 1:]
+        # an affine matrix that moves x (or y) by whole pixels only samples the pixel grid along
+        # it (shears, translations): interpolating there gives the tap itself, so it is skipped
+        grid_x = (a[:, 0] == 1) & (a[:, 1] == 0) & (a[:, 2] == a[:, 2].round())
+        grid_y = (a[:, 3] == 0) & (a[:, 4] == 1) & (a[:, 5] == a[:, 5].round())
+        keys = codes * 4 + (codes == affine) * (grid_x * 2 + grid_y)
+        for key in torch.unique(keys).tolist():
+            name, grid = PRIMITIVES[key // 4], key % 4
+            if name == "identity":
                 continue
-            index = (codes == code).nonzero().squeeze(1)
-            args = ops[index, k, 1:].to(images.device, non_blocking=True)
-            index = index.to(images.device, non_blocking=True)
-            images[index] = DEVICE_OPS[PRIMITIVES[code]](images[index], args, resample, fill)
+            args = a[keys == key].to(images.device, non_blocking=True)
+            index = (keys == key).nonzero().squeeze(1).to(images.device, non_blocking=True)
+            if name == "affine":
+                images[index] = _affine(images[index], args, resample, fill,
+                                        grid_x=grid >= 2, grid_y=grid % 2 == 1)
+            else:
+                images[index] = DEVICE_OPS[name](images[index], args)
     return images
 
 
@@ -833,11 +843,12 @@ def _smooth(x):
     return out
 
 
-def _affine(x, a, resample, fill):
+def _affine(x, a, resample, fill, grid_x=False, grid_y=False):
     """Image.transform(AFFINE, a, resample, fillcolor=fill) on each image: output pixel centre
     (x + .5, y + .5) maps through a to (u, v); outside [0, w) x [0, h) it is fill, inside
     Pillow's bilinear or bicubic (a = -1, edges clamped) taps at (u - .5, v - .5), in float64
-    as Pillow computes them, then clipped and truncated."""
+    as Pillow computes them, then clipped and truncated. grid_x / grid_y: u - .5 (v - .5) is a
+    whole number for every pixel, so only the tap on it is read."""
     m, c, h, w = x.shape
     a = a.double().view(m, 6, 1, 1)
     xs = torch.arange(w, device=x.device, dtype=torch.float64) + 0.5
@@ -853,8 +864,9 @@ def _affine(x, a, resample, fill):
     du, dv = (u - 0.5) - col0, (v - 0.5) - row0
     if n == 4:
         col0, row0 = col0 - 1, row0 - 1
-    cols = [(col0 + i).clamp(0, w - 1).long() for i in range(n)]
-    rows = [(row0 + j).clamp(0, h - 1).long() * w for j in range(n)]
+    centre = n // 2 - 1  # the tap at floor(u - .5), all of the weight where du == 0
+    cols = [(col0 + i).clamp(0, w - 1).long() for i in ([centre] if grid_x else range(n))]
+    rows = [(row0 + j).clamp(0, h - 1).long() * w for j in ([centre] if grid_y else range(n))]
 
     def tap(r, col):  # uint8 gather; the integer sums below are exact, as in Pillow's doubles
         index = (r + col).view(m, 1, h * w).expand(m, c, h * w)
@@ -864,6 +876,8 @@ def _affine(x, a, resample, fill):
         # Pillow's BILINEAR and BICUBIC macros in doubles, in their order of operations; on the
         # integer taps of the first pass the sums are exact, so they are done in int32
         d = d.unsqueeze(1)
+        if len(p) == 1:
+            return p[0].double()
         if len(p) == 2:
             return p[0].double() + (p[1] - p[0]).double() * d
         p1, p2 = p[1], -p[0] + p[2]
@@ -877,7 +891,7 @@ def _affine(x, a, resample, fill):
     return torch.where(inside.unsqueeze(1), out, fill)
 
 
-def _autocontrast(x, a, resample, fill):
+def _autocontrast(x, a):
     # ImageOps.autocontrast, cutoff 0: each band's [lo, hi] stretched to [0, 255], int() truncates
     lo = x.amin(dim=(2, 3), keepdim=True).double()
     hi = x.amax(dim=(2, 3), keepdim=True).double()
@@ -888,7 +902,7 @@ def _autocontrast(x, a, resample, fill):
     return torch.where(hi > lo, out, x)
 
 
-def _equalize(x, a, resample, fill):
+def _equalize(x, a):
     # ImageOps.equalize: step = (pixels - count of the top value) // 255, lut from the
     # cumulative histogram; a band with step 0 is kept
     m, c, h, w = x.shape
@@ -903,22 +917,22 @@ def _equalize(x, a, resample, fill):
     return lut.gather(1, flat).to(torch.uint8).view(m, c, h, w)
 
 
-def _posterize(x, a, resample, fill):
+def _posterize(x, a):
     bits = a[:, 0].long().clamp(0, 8).view(-1, 1, 1, 1)
     mask = (256 - (1 << (8 - bits))).clamp(min=0).to(torch.uint8)  # 0 bits: black
     return x & mask
 
 
-def _solarize(x, a, resample, fill):
+def _solarize(x, a):
     return torch.where(x.double() >= a[:, :1].view(-1, 1, 1, 1), 255 - x, x)
 
 
-def _solarize_add(x, a, resample, fill):
+def _solarize_add(x, a):
     add = a[:, 0].long().view(-1, 1, 1, 1)
     return torch.where(x < 128, (x.long() + add).clamp(max=255).to(torch.uint8), x)
 
 
-def _contrast(x, a, resample, fill):
+def _contrast(x, a):
     # degenerate: the grey of int(mean of L + 0.5) (ImageStat), here in exact integers
     luma = _pil_luma(x)
     n = luma[0].numel()
@@ -926,18 +940,17 @@ def _contrast(x, a, resample, fill):
     return _blend(grey, x, a[:, 0])
 
 
-DEVICE_OPS = {
-    "affine": _affine,
+DEVICE_OPS = {  # the primitives besides affine: (uint8 images, their arguments) -> images
     "autocontrast": _autocontrast,
     "equalize": _equalize,
-    "invert": lambda x, a, r, f: 255 - x,
+    "invert": lambda x, a: 255 - x,
     "posterize": _posterize,
     "solarize": _solarize,
     "solarize_add": _solarize_add,
-    "brightness": lambda x, a, r, f: _blend(torch.zeros_like(x), x, a[:, 0]),
-    "color": lambda x, a, r, f: _blend(_pil_luma(x).unsqueeze(1).expand_as(x), x, a[:, 0]),
+    "brightness": lambda x, a: _blend(torch.zeros_like(x), x, a[:, 0]),
+    "color": lambda x, a: _blend(_pil_luma(x).unsqueeze(1).expand_as(x), x, a[:, 0]),
     "contrast": _contrast,
-    "sharpness": lambda x, a, r, f: _blend(_smooth(x), x, a[:, 0]),
+    "sharpness": lambda x, a: _blend(_smooth(x), x, a[:, 0]),
 }
 
 
