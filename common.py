@@ -802,10 +802,10 @@ def device_augment(images, ops, resample=Image.BICUBIC, fill=(0, 0, 0)):
                 continue
             args = a[keys == key].to(images.device, non_blocking=True)
             index = (keys == key).nonzero().squeeze(1).to(images.device, non_blocking=True)
-            if name == "affine":  # ~20 MB of float64 temporaries an image at 224 px: in chunks
-                for i in range(0, len(index), 64):
-                    part = index[i:i + 64]
-                    images[part] = _affine(images[part], args[i:i + 64], resample, fill,
+            if name == "affine":  # ~18 MB of temporaries an image at 224 px: in chunks
+                for i in range(0, len(index), 32):
+                    part = index[i:i + 32]
+                    images[part] = _affine(images[part], args[i:i + 32], resample, fill,
                                            grid_x=grid >= 2, grid_y=grid % 2 == 1)
             else:
                 images[index] = DEVICE_OPS[name](images[index], args)
@@ -889,8 +889,13 @@ def _affine(x, a, resample, fill, grid_x=False, grid_y=False):
 
     out = interpolate([interpolate([tap(r, col) for col in cols], du) for r in rows], dv)
     out = out.clamp_(0, 255).trunc_().to(torch.uint8)
-    fill = torch.tensor(fill, dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
-    return torch.where(inside.unsqueeze(1), out, fill)
+    return torch.where(inside.unsqueeze(1), out, _fill_colour(x.device, tuple(fill)))
+
+
+@functools.lru_cache(maxsize=8)
+def _fill_colour(device, fill):
+    # made once per device: a tensor from a host list is a synchronising copy on CUDA
+    return torch.tensor(fill, dtype=torch.uint8, device=device).view(1, -1, 1, 1)
 
 
 def _autocontrast(x, a):
@@ -1802,7 +1807,7 @@ def to_device(loader, device, augment=None):
     """The loader's batches on `device`, normalised. On CUDA, timm's PrefetchLoader: the next
     batch is copied and normalised on a side stream while the current one trains. A batch that
     comes with ops (--device-aug) is first augmented by `augment(images, ops)` there."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    stream = _side_stream(device) if device.type == "cuda" else None
 
     def load(batch):
         images, target, *ops = batch
@@ -1826,6 +1831,13 @@ def to_device(loader, device, augment=None):
         batch, ready = ready, next(batches, None)
         ready = ready and load(ready)
         yield batch
+
+
+@functools.lru_cache(maxsize=8)
+def _side_stream(device):
+    # one per device for the run: the caching allocator keeps freed blocks per stream, so a new
+    # stream each epoch would strand the last one's blocks
+    return torch.cuda.Stream(device)
 
 
 def unwrap(model):

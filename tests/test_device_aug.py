@@ -204,3 +204,27 @@ def test_primitives_on_cuda_equal_pillow():
             ref = np.asarray(common.apply_op(img, op, Image.BICUBIC, FILL))
             np.testing.assert_array_equal(on_device(img, op, Image.BICUBIC, device="cuda"), ref,
                                           err_msg=str(op))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_augment_on_cuda_never_syncs():
+    """device_augment runs on the prefetch side stream while the step trains: it must not block
+    the host (set_sync_debug_mode("error") raises on a synchronising call), and its result
+    must equal the same call on the CPU."""
+    rng = np.random.default_rng(1)
+    names = [p for p in common.PRIMITIVES]
+    imgs = [photo(64, 48, s) for s in range(48)]
+    ops = [[(n, *random_args(n, (64, 48), rng)) for n in (names[i % len(names)],
+                                                         names[(5 * i) % len(names)])]
+           for i in range(len(imgs))]
+    encoded = torch.from_numpy(np.stack([common.encode_ops(p, 2) for p in ops]))
+    expect = common.device_augment(batch_of(imgs), encoded, Image.BICUBIC, FILL)
+    x = batch_of(imgs).cuda()
+    common.device_augment(x.clone(), encoded, Image.BICUBIC, FILL)  # warm-up (cached tensors)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = common.device_augment(x, encoded, Image.BICUBIC, FILL)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out.cpu(), expect)
