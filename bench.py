@@ -137,15 +137,24 @@ def timm_transform(recipe, train):
                             interpolation=recipe["interpolation"], use_prefetcher=True)
 
 
+def seed_all(seed=0):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def synchronizer(device):
+    """What to call before reading the clock: waits for the GPU's queued work."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def time_passes(candidates, paths, rounds):
     """{name: median images/s}: each round times one pass over the files per candidate, in
     turn, with the same seeds, so that drift of the machine hits all of them alike."""
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, load in candidates.items():
-            random.seed(0)
-            np.random.seed(0)
-            torch.manual_seed(0)
+            seed_all()
             t0 = time.perf_counter()
             for path in paths:
                 load(path)
@@ -156,25 +165,20 @@ def time_passes(candidates, paths, rounds):
 def device_aug_rate(transform, load, paths, device, rounds, batch=128):
     """Images/s of the --device-aug half that leaves the workers: device_augment on batches of
     the images and ops the workers returned, on `device` (one thread on a CPU)."""
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    samples = [load(p) for p in paths]
-    images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2)
-    ops = torch.from_numpy(np.stack([s[1] for s in samples]))
-    images = images.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seed_all()
+    images, _, ops = common.collate([(load(p), 0) for p in paths])
+    images, sync = images.to(device), synchronizer(device)
 
     def one_pass():
         sync()
         t0 = time.perf_counter()
-        for i in range(0, len(samples), batch):
+        for i in range(0, len(images), batch):
             transform.on_device(images[i:i + batch].clone(), ops[i:i + batch])
         sync()
         return time.perf_counter() - t0
 
     one_pass()  # warm-up
-    return len(samples) / statistics.median(one_pass() for _ in range(rounds))
+    return len(images) / statistics.median(one_pass() for _ in range(rounds))
 
 
 def bench_pipeline(args, device):
@@ -336,7 +340,7 @@ def step_worker(side, device, model_name, batch, size, steps, warmup, recipe, co
 
     for _ in range(warmup):
         step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -409,7 +413,7 @@ def bench_optim(args, device):
     base = common.create_model("resnet50").to(device)
     grads = [torch.randn_like(p) * 1e-2 for p in base.parameters()]
     steps = args.steps or (5 if device.type == "cpu" else 50)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"## 3. Optimizer step on a ResNet-50's parameters ({n_params / 1e6:.1f} M, "
           f"{len(grads)} tensors), {device.type}\n\nms per step, median over {args.rounds} "

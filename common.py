@@ -436,8 +436,10 @@ class TrainTransform:
         self.trivial_augment = auto_augment == "ta_wide"
         self.rand_augment = (parse_rand_augment(auto_augment)
                              if auto_augment and not self.trivial_augment else None)
-        # timm: RandAugment fills with the dataset mean and resamples with the train interpolation
-        self.fill = tuple(min(255, round(255 * m)) for m in mean)
+        # timm: RandAugment fills with the dataset mean and resamples with the train
+        # interpolation; tv's recipe passes TrivialAugment no fill: black
+        self.fill = ((0, 0, 0) if self.trivial_augment
+                     else tuple(min(255, round(255 * m)) for m in mean))
         self.device_aug = device_aug and (self.trivial_augment or self.rand_augment is not None)
 
     def __call__(self, img):
@@ -465,7 +467,7 @@ class TrainTransform:
             return to_uint8(img), encode_ops(ops, 1 if self.trivial_augment
                                              else self.rand_augment["n"])
         if self.trivial_augment:
-            img = trivial_augment(img, INTERPOLATION[self.interpolation])
+            img = trivial_augment(img, INTERPOLATION[self.interpolation], self.fill)
         elif self.rand_augment:
             img = rand_augment(img, self.rand_augment, self.fill,
                                INTERPOLATION[self.interpolation])
@@ -473,8 +475,7 @@ class TrainTransform:
 
     def on_device(self, images, ops):
         """The ops sent with a device_aug batch, applied on the images' device."""
-        fill = (0, 0, 0) if self.trivial_augment else self.fill  # tv's recipe: black
-        return device_augment(images, ops, INTERPOLATION[self.interpolation], fill)
+        return device_augment(images, ops, INTERPOLATION[self.interpolation], self.fill)
 
 
 class EvalTransform:
@@ -800,8 +801,9 @@ def device_augment(images, ops, resample=Image.BICUBIC, fill=(0, 0, 0)):
             name, grid = PRIMITIVES[key // 4], key % 4
             if name == "identity":
                 continue
-            args = a[keys == key].to(images.device, non_blocking=True)
-            index = (keys == key).nonzero().squeeze(1).to(images.device, non_blocking=True)
+            chosen = keys == key
+            args = a[chosen].to(images.device, non_blocking=True)
+            index = chosen.nonzero().squeeze(1).to(images.device, non_blocking=True)
             if name == "affine":  # ~18 MB of temporaries an image at 224 px: in chunks
                 for i in range(0, len(index), 32):
                     part = index[i:i + 32]
@@ -851,6 +853,9 @@ def _affine(x, a, resample, fill, grid_x=False, grid_y=False):
     Pillow's bilinear or bicubic (a = -1, edges clamped) taps at (u - .5, v - .5), in float64
     as Pillow computes them, then clipped and truncated. grid_x / grid_y: u - .5 (v - .5) is a
     whole number for every pixel, so only the tap on it is read."""
+    n = {Image.BILINEAR: 2, Image.BICUBIC: 4}.get(resample)
+    if n is None:  # Pillow's nearest takes another, incremental path; no recipe uses it
+        raise UserError("--device-aug resamples with bilinear or bicubic only")
     m, c, h, w = x.shape
     a = a.double().view(m, 6, 1, 1)
     xs = torch.arange(w, device=x.device, dtype=torch.float64) + 0.5
@@ -858,12 +863,10 @@ def _affine(x, a, resample, fill, grid_x=False, grid_y=False):
     u = a[:, 0] * xs + a[:, 1] * ys + a[:, 2]
     v = a[:, 3] * xs + a[:, 4] * ys + a[:, 5]
     inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    n = {Image.BILINEAR: 2, Image.BICUBIC: 4}.get(resample)
-    if n is None:  # Pillow's nearest takes another, incremental path; no recipe uses it
-        raise UserError("--device-aug resamples with bilinear or bicubic only")
     flat = x.reshape(m, c, h * w)
-    col0, row0 = (u - 0.5).floor(), (v - 0.5).floor()
-    du, dv = (u - 0.5) - col0, (v - 0.5) - row0
+    u, v = u - 0.5, v - 0.5
+    col0, row0 = u.floor(), v.floor()
+    du, dv = u - col0, v - row0
     if n == 4:
         col0, row0 = col0 - 1, row0 - 1
     centre = n // 2 - 1  # the tap at floor(u - .5), all of the weight where du == 0
