@@ -29,12 +29,55 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
+MIN_TORCH = (2, 3)  # torch.amp.GradScaler(device) and CPU fp16 autocast; requirements.txt
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback."""
+
+
+# Every random stream of a run is seeded from (seed, stream, ...) through NumPy's SeedSequence,
+# never seed + epoch: with that, --seed 1 replays the data orders of --seed 0 one epoch late
+# (issue 15). The streams, by what they shape:
+SEED_MODEL = 1    # the initial weights: the same on every rank
+SEED_ORDER = 2    # the train order of each epoch (samplers); the same on every rank
+SEED_BATCH = 3    # the augmentation of each batch in the loader (crop, flip, RandAugment, ...)
+SEED_STEP = 4     # per epoch and rank: Mixup/CutMix, random erasing, drop path, dropout
+SEED_NOISE = 5    # timm's lr noise (B), seeded base + epoch as timm
+
+
+def seed_for(seed, *keys):
+    """A 63-bit seed for one stream: SeedSequence over (seed, *keys) of non-negative ints."""
+    state = np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def seed_all(seed, cpu_only=False):
+    """Seed Python's, NumPy's global and torch's generators (CPU, and every GPU unless
+    cpu_only) from one seed."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    if cpu_only:
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _own_rng(keep):
+    """With keep=True, the Python / NumPy / torch CPU streams are restored on exit."""
+    if not keep:
+        yield
+        return
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 # ==================================================================================================
@@ -328,6 +371,17 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    def __getitems__(self, keys):
+        """A batch. Training samplers send (index, batch seed) keys: the random streams that
+        augment the batch (Python, NumPy, torch) are seeded from it first, so a batch's
+        augmentation depends on (seed, epoch, batch), not on which worker made it or what it
+        made before. In the main process (workers 0) its own streams are put back after."""
+        if not keys or not isinstance(keys[0], tuple):
+            return [self[i] for i in keys]
+        with _own_rng(torch.utils.data.get_worker_info() is None):
+            seed_all(keys[0][1], cpu_only=True)
+            return [self[i] for i, _ in keys]
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
@@ -1108,6 +1162,44 @@ def mixup_cutmix(x, target, num_classes, mixup, cutmix, smoothing, rng, style="t
 # Sampler: repeated augmentation (Hoffer et al. 2019; DeiT's RASampler as in timm and tv)
 # ==================================================================================================
 
+class TrainSampler(torch.utils.data.Sampler):
+    """One rank's share of an epoch's train order. The order is a permutation seeded by
+    seed + epoch (seed: a seed_for(run seed, SEED_ORDER) base) cut into global batches of
+    world x accum x batch images, the last partial one dropped (timm and tv drop each rank's
+    last partial batch). Rank r takes the r-th block of accum x batch of each global batch, so
+    an update sees the same images whatever the world size and accumulation: 2 processes x 1
+    step = 1 process x 2 accumulation steps. Chunk c (the c-th `batch` of the order) comes with
+    the seed its augmentation is drawn from, seed_for(batch_seed, epoch, c): the batches of an
+    epoch are the same in any world size, with any number of loader workers."""
+
+    def __init__(self, length, batch, accum=1, world=1, rank=0, seed=0, batch_seed=0):
+        if not 0 <= rank < world:
+            raise UserError(f"rank {rank} outside a world of {world}")
+        self.length, self.batch, self.accum, self.world, self.rank = length, batch, accum, \
+            world, rank
+        self.seed, self.batch_seed, self.epoch = seed, batch_seed, 0
+        self.updates = length // (batch * accum * world)
+
+    def epoch_order(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.length, generator=g).tolist()
+
+    def __iter__(self):
+        order = self.epoch_order()
+        for k in range(self.updates):
+            for m in range(self.accum):
+                c = (k * self.world + self.rank) * self.accum + m
+                seed = seed_for(self.batch_seed, self.epoch, c)
+                yield from ((i, seed) for i in order[c * self.batch:(c + 1) * self.batch])
+
+    def __len__(self):
+        return self.updates * self.accum * self.batch
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
 class RepeatedAugSampler(torch.utils.data.Sampler):
     """Each index `repeats` times in a row of an epoch-seeded permutation, the list padded to a
     multiple of `world` and dealt out rank::world, so the copies of one image land on
@@ -1121,13 +1213,15 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
     nothing, each rank keeps ceil(len / world). Works in a single process (world 1).
     """
 
-    def __init__(self, length, repeats, world=1, rank=0, seed=0, shuffle=True):
+    def __init__(self, length, repeats, world=1, rank=0, seed=0, shuffle=True, batch=None,
+                 batch_seed=0):
         if int(repeats) != repeats or repeats < 1:
             raise UserError(f"repeated augmentation needs a whole number >= 1, got {repeats}")
         if not 0 <= rank < world:
             raise UserError(f"rank {rank} outside a world of {world}")
         self.length, self.repeats, self.world, self.rank = length, int(repeats), world, rank
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.batch, self.batch_seed = batch, batch_seed
         rounded = length // 256 * 256
         self.num_samples = rounded // world if rounded else math.ceil(length / world)
         self.total_size = math.ceil(length * self.repeats / world) * world
@@ -1148,7 +1242,16 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         return indices
 
     def __iter__(self):
-        return iter(self.epoch_indices()[self.rank::self.world][:self.num_samples])
+        indices = self.epoch_indices()[self.rank::self.world][:self.num_samples]
+        if self.batch is None:  # plain indices, as timm's and tv's samplers
+            return iter(indices)
+        return self._keys(indices)
+
+    def _keys(self, indices):
+        # (index, seed) keys as TrainSampler's; this rank's j-th batch is chunk j x world + rank
+        for j in range(0, len(indices), self.batch):
+            seed = seed_for(self.batch_seed, self.epoch, j // self.batch * self.world + self.rank)
+            yield from ((i, seed) for i in indices[j:j + self.batch])
 
     def __len__(self):
         return self.num_samples
@@ -1766,6 +1869,9 @@ def setup_device(device_arg):
     """(device, rank, world): torchrun's env:// when WORLD_SIZE is set, else one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and device_arg and ":" in device_arg:
+        raise UserError(f"--device {device_arg} under torchrun would put every rank on one GPU: "
+                        "pass --device cuda (each rank takes the GPU of its LOCAL_RANK)")
     if device_arg in (None, "", "auto"):
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_arg)
@@ -1795,8 +1901,21 @@ def batch_plan(batch_size, world, device_batch=None, accum_steps=None):
 
 
 def worker_init(worker_id):
-    # torch seeds `random` and torch per worker; numpy too, for any numpy-based transform
+    # torch seeds `random` and torch per worker; numpy too, for any numpy-based transform (a
+    # training batch reseeds all three from its own seed: ImageFolder.__getitems__)
     np.random.seed(torch.initial_seed() % 2 ** 32)
+
+
+def default_workers():
+    """Loader workers per process: the cores this process may use (its CPU affinity, which
+    SLURM and containers set) shared by the processes of this node, no cap. One worker
+    decodes and augments about 230-340 ResNet-50 images/s (README Speed), so a GPU that
+    trains at 3,000 img/s needs 9-13 of them."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 2
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def make_loader(dataset, batch, workers, device, sampler, drop_last):
@@ -1919,12 +2038,18 @@ def state_dict_of(obj):
     raise UserError("checkpoint holds no model state dict")
 
 
-def amp_dtype_for(device, recipe, amp_dtype):
-    if not recipe["amp"] or device.type != "cuda" or amp_dtype == "off":
-        return None
-    if amp_dtype == "fp16" or not torch.cuda.is_bf16_supported():
+def amp_dtype_for(device, recipe, amp_dtype="auto"):
+    """The autocast dtype, None for float32. auto: on CUDA where the recipe uses AMP, bf16 on
+    GPUs with bf16 units (compute capability 8.0 on: A100, H100, RTX 30xx on), else fp16 with
+    a grad scaler (V100, T4: torch.cuda.is_bf16_supported() is true there, but emulated and
+    slow); float32 on a CPU. bf16 / fp16 are honoured on any device when asked for."""
+    if amp_dtype == "bf16":
+        return torch.bfloat16
+    if amp_dtype == "fp16":
         return torch.float16
-    return torch.bfloat16
+    if amp_dtype == "off" or not recipe["amp"] or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def augment_batch(images, target, recipe, num_classes, mix_rng):
@@ -1951,16 +2076,36 @@ def augment_batch(images, target, recipe, num_classes, mix_rng):
     return images, target
 
 
+def amp_name(amp_dtype):
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}.get(
+        amp_dtype, "float32")
+
+
+def channels_last_for(device, args):
+    return args.channels_last if args.channels_last is not None else device.type == "cuda"
+
+
+SKIPPED_IN_A_ROW = 25  # fp16: non-finite losses in a row that end a run (65536 -> 1 is 17 halvings)
+
+
+def nonfinite_stop(bad_steps, streak, scaler, world):
+    """Collective: the same answer on every rank, so that all leave the loop together (one rank
+    breaking alone would leave the others waiting in DDP's next all-reduce). Without a grad
+    scaler any non-finite loss stops the run before a step poisons the weights; with fp16's
+    scaler a non-finite loss is a step GradScaler skips (it lowers the scale), and only
+    SKIPPED_IN_A_ROW of them in a row, on any rank, stop it."""
+    worst = torch.stack([bad_steps, streak])
+    if world > 1:
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    bad, in_a_row = worst.tolist()
+    return in_a_row >= SKIPPED_IN_A_ROW if scaler.is_enabled() else bad > 0
+
+
 def train(recipe, args):
     if not Path(args.data).is_dir():
         raise UserError(f"data folder {args.data} does not exist")
     device, rank, world = setup_device(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    seed = args.seed + rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    mix_rng = np.random.default_rng(seed)
 
     per_device, accum, effective = batch_plan(recipe["batch_size"], world, args.device_batch,
                                               args.accum_steps)
@@ -1972,6 +2117,12 @@ def train(recipe, args):
         recipe = dict(recipe, lr=scaled, batch_size=effective)
     log(f"{world} process(es) on {device}, {per_device} images per device x {accum} "
         f"accumulation step(s) = global batch {effective}")
+    log(f"precision {amp_name(amp_dtype_for(device, recipe, args.amp_dtype))}, "
+        f"channels_last {'on' if channels_last_for(device, args) else 'off'}")
+    if args.workers:
+        log(f"{args.workers} loader worker(s) per process: at about 230-340 ResNet-50 img/s each "
+            f"(README Speed) they feed up to ~{230 * args.workers:,}-{340 * args.workers:,} "
+            "img/s per process; --workers to change")
 
     if args.device_aug and device.type != "cuda":
         log(f"note: --device-aug on {device.type} runs the augmentation in the main process, "
@@ -1985,12 +2136,13 @@ def train(recipe, args):
     if val_set.classes != train_set.classes:
         raise UserError(f"{root}/val has other class folders than {root}/train")
     num_classes = len(train_set.classes)
+    order_seed, batch_seed = seed_for(args.seed, SEED_ORDER), seed_for(args.seed, SEED_BATCH)
     if recipe["repeated_aug"]:
         train_sampler = RepeatedAugSampler(len(train_set), recipe["repeated_aug"], world, rank,
-                                           args.seed)
+                                           order_seed, batch=per_device, batch_seed=batch_seed)
     else:
-        train_sampler = torch.utils.data.DistributedSampler(
-            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        train_sampler = TrainSampler(len(train_set), per_device, accum, world, rank, order_seed,
+                                     batch_seed)
     train_loader = make_loader(train_set, per_device, args.workers, device, train_sampler, True)
     val_loader = make_loader(val_set, args.eval_batch or per_device, args.workers, device,
                              list(range(rank, len(val_set), world)), False)
@@ -1999,26 +2151,21 @@ def train(recipe, args):
         raise UserError(f"{root}/train has {len(train_set)} images, fewer than one step of "
                         f"{world} x {per_device} x {accum}: lower --batch-size")
 
+    torch.manual_seed(seed_for(args.seed, SEED_MODEL))  # the same initial weights on every rank
     model = create_model(recipe["model"], num_classes, recipe["dropout"], recipe["drop_path"],
                          recipe["zero_init_last"])
     model.to(device)
-    channels_last = device.type == "cuda" and not args.no_channels_last
+    channels_last = channels_last_for(device, args)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, recipe)
-    ema = None
-    if recipe["ema_decay"]:
-        decay = recipe["ema_decay"]
-        if recipe["ema_style"] == "tv":
-            decay = tv_ema_decay(decay, world, per_device, recipe["ema_every"], recipe["epochs"])
-            log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
-        ema = EMA(model, decay, tf_warmup=recipe["ema_style"] == "tf",
-                  copy_first=recipe["ema_style"] == "tv")
     amp_dtype = amp_dtype_for(device, recipe, args.amp_dtype)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # fp16 needs loss scaling; otherwise the scaler is disabled and each of its calls is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    noise_seed = seed_for(args.seed, SEED_NOISE)
 
     out = Path(args.output)
-    start_epoch, best = 0, -1.0
+    start_epoch, best, ckpt = 0, -1.0, None
     if args.resume:
         ckpt_path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(ckpt_path)
@@ -2028,10 +2175,8 @@ def train(recipe, args):
         load_weights(model, state_dict_of(ckpt), f"checkpoint {ckpt_path}")
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
+        if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
         start_epoch, best = ckpt.get("epoch", -1) + 1, ckpt.get("best_top1", -1.0)
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
     elif (out / "last.pth").exists():
@@ -2042,9 +2187,19 @@ def train(recipe, args):
         (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
     ddp_model = model
-    if world > 1:
+    if world > 1:  # DDP broadcasts rank 0's weights and buffers here
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = None
+    if recipe["ema_decay"]:  # made from the weights every rank trains, after the broadcast
+        decay = recipe["ema_decay"]
+        if recipe["ema_style"] == "tv":
+            decay = tv_ema_decay(decay, world, per_device, recipe["ema_every"], recipe["epochs"])
+            log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
+        ema = EMA(model, decay, tf_warmup=recipe["ema_style"] == "tf",
+                  copy_first=recipe["ema_style"] == "tv")
+        if ckpt is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
     if args.compile:
         ddp_model = torch.compile(ddp_model)
 
@@ -2058,8 +2213,16 @@ def train(recipe, args):
 
     for epoch in range(start_epoch, recipe["epochs"]):
         train_sampler.set_epoch(epoch)
+        # erasing, Mixup/CutMix, drop path and dropout draw here: a function of (seed, epoch,
+        # rank), not of the run's history
+        step_seed = seed_for(args.seed, SEED_STEP, epoch, rank)
+        seed_all(step_seed)
+        mix_rng = np.random.default_rng(step_seed)
         ddp_model.train()
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)  # finite losses only
+        bad_steps = torch.zeros((), device=device, dtype=torch.int64)  # non-finite losses
+        streak = torch.zeros_like(bad_steps)  # ... in a row
+        stopped = False
         t0 = time.perf_counter()
         bar = None
         if rank == 0 and not args.quiet:
@@ -2069,7 +2232,7 @@ def train(recipe, args):
         batches = to_device(train_loader, device, train_set.transform.on_device)
         for step, (images, target) in zip(range(steps), batches):
             t = epoch + (step // accum * accum) / steps if recipe["sched_per_step"] else epoch
-            lr = lr_at(t, recipe, noise_seed=args.seed)
+            lr = lr_at(t, recipe, noise_seed=noise_seed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if not channels_last:
@@ -2081,41 +2244,48 @@ def train(recipe, args):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = ddp_model(images)
                 loss = loss_fn(logits.float(), target)
-                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                scaler.scale(loss / accum).backward()
             if last_micro:
                 if recipe["clip"]:
-                    if scaler:
-                        scaler.unscale_(optimizer)  # timm clips the true gradients
+                    scaler.unscale_(optimizer)  # timm clips the true gradients
                     clip_gradients(model, recipe["clip"])
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                scaler.step(optimizer)  # skipped by fp16's scaler when a gradient is not finite
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 update = step // accum
                 # tv: EMA after every ema_every-th update of the epoch, copied during warmup
                 if ema is not None and update % recipe["ema_every"] == 0:
                     ema.update(model, copy=recipe["ema_style"] == "tv"
                                and epoch < recipe["warmup_epochs"])
-            loss_sum += loss.detach()
+            loss = loss.detach()
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
+            bad_steps += ~finite
+            streak = torch.where(finite, 0, streak + 1)
             if bar is not None:
                 bar.update()
                 if (step + 1) % args.log_interval == 0 or step + 1 == steps:
                     seen = (step + 1) * per_device * world
                     bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}", lr=f"{lr:.3g}",
                                     img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            if (step + 1) % args.log_interval == 0 and not torch.isfinite(loss_sum):
-                break
+            if (step + 1) % args.log_interval == 0:
+                stopped = nonfinite_stop(bad_steps, streak, scaler, world)
+                if stopped:
+                    break
         if bar is not None:
             bar.close()
+        sums = torch.stack([loss_sum, bad_steps.to(loss_sum.dtype)])
         if world > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item() / (steps * world)
-        if not math.isfinite(train_loss):
-            raise UserError(f"training loss became {train_loss} in epoch {epoch + 1} (lr {lr:g});"
-                            f" {out / 'last.pth'} still holds the last good epoch: resume it with"
-                            " --resume auto and a lower --lr")
+            dist.all_reduce(sums)
+        loss_total, bad = sums[0].item(), int(sums[1].item())
+        good = steps * world - bad
+        if stopped or (bad and not scaler.is_enabled()) or good <= 0 \
+                or not math.isfinite(loss_total):
+            absorbed = " (more than fp16 loss scaling can absorb)" if scaler.is_enabled() else ""
+            raise UserError(f"training loss became nan/inf in epoch {epoch + 1} (lr {lr:g}, "
+                            f"{bad} step(s){absorbed}); {out / 'last.pth'} still holds the last "
+                            "good epoch: resume it with --resume auto and a lower --lr")
+        train_loss = loss_total / good
         train_time = time.perf_counter() - t0
         if world > 1:
             average_bn_stats(model, world)
@@ -2133,6 +2303,8 @@ def train(recipe, args):
             row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
         is_best = metrics["top1"] > best
         best = max(best, metrics["top1"])
+        if scaler.is_enabled():  # steps GradScaler skipped for a non-finite loss, its scale
+            row.update(skipped_steps=bad, grad_scale=scaler.get_scale())
         row.update(best_top1=round(best, 3), val_images=metrics["images"],
                    train_img_s=round(steps * per_device * world / train_time, 1),
                    epoch_s=round(time.perf_counter() - t0, 1))
@@ -2142,7 +2314,7 @@ def train(recipe, args):
                 f.write(json.dumps(row) + "\n")
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          ema=ema.state_dict() if ema is not None else None,
-                         scaler=scaler.state_dict() if scaler else None, epoch=epoch,
+                         scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch,
                          best_top1=best, metrics=row, recipe=recipe, classes=train_set.classes)
             save_checkpoint(out / "last.pth", state)
             if is_best:
@@ -2298,8 +2470,10 @@ def run_parser():
                    "the global batch comes from gradient accumulation")
     p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
     p.add_argument("--eval-batch", type=int, help="images per device per eval step")
-    p.add_argument("--amp-dtype", choices=("bf16", "fp16", "off"), default="bf16",
-                   help="bf16 where the GPU has it, else fp16 with a grad scaler")
+    p.add_argument("--amp-dtype", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="auto: on CUDA bf16 where the GPU has bf16 units (compute capability "
+                   ">= 8.0), else fp16 with a grad scaler; float32 on a CPU. bf16 / fp16 are "
+                   "honoured on a CPU too")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fast-decode", action="store_true", help="decode training JPEGs at 1/2, "
                    "1/4 or 1/8 scale where the crop stays at least the train size (faster; "
@@ -2307,7 +2481,8 @@ def run_parser():
     p.add_argument("--device-aug", action="store_true", help="apply RandAugment / "
                    "TrivialAugment to the batch on the device instead of in the workers (same "
                    "draws, same pixels; frees the CPU, see README Speed)")
-    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on CUDA only)")
     p.add_argument("--log-interval", type=int, default=20, help="steps between loss reads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-h", "--help", action="store_true")
@@ -2366,6 +2541,9 @@ def parse_args(recipe, argv, demo=None, variants=None, by_model=None):
 def main(recipe, demo=None, argv=None, variants=None, by_model=None):
     """Entry point of every train_*.py: parse, resolve, print, train."""
     try:
+        if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH:
+            raise UserError(f"torch {torch.__version__} is older than "
+                            f"{'.'.join(map(str, MIN_TORCH))}: pip install -U torch torchvision")
         args, recipe = parse_args(recipe, sys.argv[1:] if argv is None else argv, demo,
                                   variants, by_model)
         if args.print_recipe:
@@ -2377,8 +2555,7 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
         if not args.data:
             raise UserError("--data is required (a folder with train/ and val/), or --demo")
         if args.workers is None:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            args.workers = max(1, min(8, (os.cpu_count() or 2) // local))
+            args.workers = default_workers()
         if args.output is None:
             args.output = (f"runs/{recipe['recipe']}-{recipe['model']}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")

@@ -32,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2))
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp-dtype", choices=("bf16", "fp16", "off"), default="off")
+    p.add_argument("--amp-dtype", choices=("auto", "bf16", "fp16", "off"), default="off",
+                   help="autocast dtype (default off: float32); auto as train: bf16 or fp16 "
+                   "on CUDA by the GPU, float32 on a CPU")
     p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                    help="which weights of one of our checkpoints: auto = the EMA's where the "
                         "run kept an EMA (the recipes' published numbers are EMA numbers)")
@@ -82,8 +84,7 @@ def run(args):
         model.to(memory_format=torch.channels_last)
     loader = common.make_loader(dataset, args.batch_size, args.workers, device,
                                 list(range(rank, len(dataset), world)), False)
-    amp = None if args.amp_dtype == "off" or device.type != "cuda" else (
-        torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16)
+    amp = common.amp_dtype_for(device, dict(amp=True), args.amp_dtype)
     metrics = common.evaluate(model, loader, device, amp, world)
     result = dict(checkpoint=str(args.checkpoint), model=name, data=str(data),
                   weights="ema" if use_ema else "model",
