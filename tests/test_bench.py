@@ -1,5 +1,6 @@
 """bench.py still runs (a smoke test: tiny sizes, one round; the numbers are not checked, since
 speed is measured by hand, never asserted in tests)."""
+import json
 import os
 import re
 import subprocess
@@ -41,3 +42,21 @@ def test_bench_step_and_optim_run():
         # same start and gradients: ours and timm's agree (the agreement is tested properly in
         # test_optim*.py; here a wrong pairing of the two sides would show)
         assert float(row[0].split("|")[-2]) < 1e-5, row
+
+
+def test_bench_gpu_plumbing_runs_on_the_cpu(tmp_path):
+    """bench_gpu.py is for a GPU machine; here its sync and train_eval parts run on the CPU at
+    tiny sizes, so that the one GPU session does not find a broken script."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "bench_gpu.py"), "--out", str(out),
+                          "--parts", "sync", "train_eval", "--device", "cpu", "--model",
+                          "resnet18", "--size", "32", "--batch", "16", "--images", "4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["parts"]["sync"]["ok"], report["parts"]["sync"]
+    assert report["parts"]["sync"]["steps"] == 4  # 2 epochs x 32 images / 16
+    runs = report["parts"]["train_eval"]["runs"]
+    assert set(runs) == {"eager", "compile", "device_aug"}
+    assert all(r["ok"] and r["same_top1"] for r in runs.values()), runs
