@@ -137,12 +137,6 @@ def timm_transform(recipe, train):
                             interpolation=recipe["interpolation"], use_prefetcher=True)
 
 
-def seed_all(seed=0):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def synchronizer(device):
     """What to call before reading the clock: waits for the GPU's queued work."""
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -154,7 +148,7 @@ def time_passes(candidates, paths, rounds):
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, load in candidates.items():
-            seed_all()
+            common.seed_all(0)
             t0 = time.perf_counter()
             for path in paths:
                 load(path)
@@ -165,7 +159,7 @@ def time_passes(candidates, paths, rounds):
 def device_aug_rate(transform, load, paths, device, rounds, batch=128):
     """Images/s of the --device-aug half that leaves the workers: device_augment on batches of
     the images and ops the workers returned, on `device` (one thread on a CPU)."""
-    seed_all()
+    common.seed_all(0)
     images, _, ops = common.collate([(load(p), 0) for p in paths])
     images, sync = images.to(device), synchronizer(device)
 

@@ -75,9 +75,13 @@ def tables(text):
 
 
 def runner(script, patch, out):
-    """A Python file that runs `patch` (with OUT defined), then `script` as __main__."""
+    """A Python file that runs `patch`, then `script` as __main__ with the command line it is
+    given. The patch runs in each process after `import torch, common`, with RANK (torchrun's)
+    and OUT (the run folder) defined: to record internals or inject faults."""
     path = Path(f"{out}-runner.py")
-    path.write_text(f"import runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nOUT = {str(out)!r}\n"
+    path.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                    "import torch\nimport common\n"
+                    f"RANK, OUT = int(os.environ.get('RANK', 0)), {str(out)!r}\n"
                     f"{patch}\nsys.argv = [{str(ROOT / script)!r}] + sys.argv[1:]\n"
                     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     return str(path)

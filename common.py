@@ -1162,6 +1162,15 @@ def mixup_cutmix(x, target, num_classes, mixup, cutmix, smoothing, rng, style="t
 # Sampler: repeated augmentation (Hoffer et al. 2019; DeiT's RASampler as in timm and tv)
 # ==================================================================================================
 
+def batch_keys(chunks, batch_seed, epoch):
+    """The (index, seed) keys a training sampler yields, from (chunk number, indices) pairs:
+    every index of chunk c carries seed_for(batch_seed, epoch, c), which the loader worker
+    seeds the batch's augmentation from (ImageFolder.__getitems__)."""
+    for c, indices in chunks:
+        seed = seed_for(batch_seed, epoch, c)
+        yield from ((i, seed) for i in indices)
+
+
 class TrainSampler(torch.utils.data.Sampler):
     """One rank's share of an epoch's train order. The order is a permutation seeded by
     seed + epoch (seed: a seed_for(run seed, SEED_ORDER) base) cut into global batches of
@@ -1186,12 +1195,11 @@ class TrainSampler(torch.utils.data.Sampler):
         return torch.randperm(self.length, generator=g).tolist()
 
     def __iter__(self):
-        order = self.epoch_order()
-        for k in range(self.updates):
-            for m in range(self.accum):
-                c = (k * self.world + self.rank) * self.accum + m
-                seed = seed_for(self.batch_seed, self.epoch, c)
-                yield from ((i, seed) for i in order[c * self.batch:(c + 1) * self.batch])
+        order, b = self.epoch_order(), self.batch
+        chunks = ((k * self.world + self.rank) * self.accum + m
+                  for k in range(self.updates) for m in range(self.accum))
+        return batch_keys(((c, order[c * b:(c + 1) * b]) for c in chunks), self.batch_seed,
+                          self.epoch)
 
     def __len__(self):
         return self.updates * self.accum * self.batch
@@ -1245,13 +1253,11 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         indices = self.epoch_indices()[self.rank::self.world][:self.num_samples]
         if self.batch is None:  # plain indices, as timm's and tv's samplers
             return iter(indices)
-        return self._keys(indices)
-
-    def _keys(self, indices):
-        # (index, seed) keys as TrainSampler's; this rank's j-th batch is chunk j x world + rank
-        for j in range(0, len(indices), self.batch):
-            seed = seed_for(self.batch_seed, self.epoch, j // self.batch * self.world + self.rank)
-            yield from ((i, seed) for i in indices[j:j + self.batch])
+        # this rank's j-th batch is chunk j x world + rank
+        b = self.batch
+        return batch_keys(((j * self.world + self.rank, indices[j * b:(j + 1) * b])
+                           for j in range(math.ceil(len(indices) / b))), self.batch_seed,
+                          self.epoch)
 
     def __len__(self):
         return self.num_samples
@@ -2081,10 +2087,6 @@ def amp_name(amp_dtype):
         amp_dtype, "float32")
 
 
-def channels_last_for(device, args):
-    return args.channels_last if args.channels_last is not None else device.type == "cuda"
-
-
 SKIPPED_IN_A_ROW = 25  # fp16: non-finite losses in a row that end a run (65536 -> 1 is 17 halvings)
 
 
@@ -2117,8 +2119,6 @@ def train(recipe, args):
         recipe = dict(recipe, lr=scaled, batch_size=effective)
     log(f"{world} process(es) on {device}, {per_device} images per device x {accum} "
         f"accumulation step(s) = global batch {effective}")
-    log(f"precision {amp_name(amp_dtype_for(device, recipe, args.amp_dtype))}, "
-        f"channels_last {'on' if channels_last_for(device, args) else 'off'}")
     if args.workers:
         log(f"{args.workers} loader worker(s) per process: at about 230-340 ResNet-50 img/s each "
             f"(README Speed) they feed up to ~{230 * args.workers:,}-{340 * args.workers:,} "
@@ -2155,11 +2155,13 @@ def train(recipe, args):
     model = create_model(recipe["model"], num_classes, recipe["dropout"], recipe["drop_path"],
                          recipe["zero_init_last"])
     model.to(device)
-    channels_last = channels_last_for(device, args)
+    channels_last = args.channels_last if args.channels_last is not None else \
+        device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, recipe)
     amp_dtype = amp_dtype_for(device, recipe, args.amp_dtype)
+    log(f"precision {amp_name(amp_dtype)}, channels_last {'on' if channels_last else 'off'}")
     # fp16 needs loss scaling; otherwise the scaler is disabled and each of its calls is a no-op
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     noise_seed = seed_for(args.seed, SEED_NOISE)

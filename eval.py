@@ -11,7 +11,6 @@ folder of class folders, or a folder holding val/. Runs under torchrun as well.
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-resize", type=int, help="short side before the crop")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic"))
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2))
+    p.add_argument("--workers", type=int, default=common.default_workers())
     p.add_argument("--device", default="auto")
     p.add_argument("--amp-dtype", choices=("auto", "bf16", "fp16", "off"), default="off",
                    help="autocast dtype (default off: float32); auto as train: bf16 or fp16 "

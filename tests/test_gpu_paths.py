@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+from bench_gpu import runner
 from conftest import ROOT
 from test_train import SMALL, rows
 
@@ -19,23 +20,14 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 
 def run(script, data, out, *extra, patch="", nproc=1, port=29541, timeout=600):
-    """A train_*.py run in a subprocess; `patch` is Python run in each process first (after
-    `import common`, with RANK and OUT defined), to inject faults or record internals."""
-    runner = out.parent / f"{out.name}-runner.py"
-    runner.write_text(textwrap.dedent(f"""\
-        import os, runpy, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        import torch
-        import common
-        RANK, OUT = int(os.environ.get("RANK", 0)), {str(out)!r}
-        """) + textwrap.dedent(patch) + textwrap.dedent(f"""
-        sys.argv = [{str(ROOT / script)!r}] + sys.argv[1:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-        """))
+    """A train_*.py run in a subprocess; `patch` is Python run in each process first
+    (bench_gpu.runner: after `import torch, common`, with RANK and OUT defined), to inject
+    faults or record internals."""
     cmd = [sys.executable] if nproc == 1 else [*TORCHRUN[:-1], str(nproc), "--master_port",
                                                str(port)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*cmd, str(runner), "--data", str(data), "--output", str(out), *SMALL,
+    script = runner(script, textwrap.dedent(patch), out)
+    return subprocess.run([*cmd, script, "--data", str(data), "--output", str(out), *SMALL,
                            *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
 
