@@ -11,13 +11,17 @@ import contextlib
 import difflib
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -361,13 +365,21 @@ def find_images(root):
     return samples, classes
 
 
+class Samples(list):
+    """A batch's samples, and the unreadable images skipped to make it ("path: reason")."""
+    skipped = ()
+
+
 class ImageFolder(torch.utils.data.Dataset):
-    """With skip_bad=True an unreadable image is reported once and replaced by the next one,
-    so one corrupt file does not end a 600-epoch run; evaluation uses skip_bad=False."""
+    """With skip_bad=True an unreadable image (corrupt or truncated, not an image, empty) is
+    replaced by the next readable one and noted in the batch (Samples.skipped): training
+    reports each path and counts them per epoch, and one bad file does not end a 600-epoch
+    run. skip_bad=False (evaluation, --bad-images error) raises a one-line UserError."""
 
     def __init__(self, root, transform, skip_bad=False):
         self.samples, self.classes = find_images(root)
         self.root, self.transform, self.skip_bad = str(root), transform, skip_bad
+        self.skipped = []
 
     def __len__(self):
         return len(self.samples)
@@ -377,11 +389,15 @@ class ImageFolder(torch.utils.data.Dataset):
         augment the batch (Python, NumPy, torch) are seeded from it first, so a batch's
         augmentation depends on (seed, epoch, batch), not on which worker made it or what it
         made before. In the main process (workers 0) its own streams are put back after."""
+        self.skipped = []
         if not keys or not isinstance(keys[0], tuple):
-            return [self[i] for i in keys]
-        with _own_rng(torch.utils.data.get_worker_info() is None):
-            seed_all(keys[0][1], cpu_only=True)
-            return [self[i] for i, _ in keys]
+            batch = Samples(self[i] for i in keys)
+        else:
+            with _own_rng(torch.utils.data.get_worker_info() is None):
+                seed_all(keys[0][1], cpu_only=True)
+                batch = Samples(self[i] for i, _ in keys)
+        batch.skipped, self.skipped = self.skipped, []
+        return batch
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
@@ -391,18 +407,28 @@ class ImageFolder(torch.utils.data.Dataset):
                 # that --fast-decode can ask libjpeg for a smaller image first
                 with Image.open(path) as img:
                     return self.transform(img), target
-            except (OSError, ValueError, SyntaxError) as e:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if not self.skip_bad:
-                    raise UserError(f"cannot read image {path}: {e}") from None
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+                    raise UserError(f"cannot read image {path}: {reason}") from None
+                self.skipped.append(f"{path}: {reason}")
         raise UserError(f"no image in {self.root} can be read")
 
 
 def rgb(img):
-    """The decoded RGB image of an opened PIL image (tv's and timm's loaders: convert("RGB")),
-    without their copy when the file is RGB already."""
+    """The decoded RGB image of an opened PIL image (tv's and timm's loaders: convert("RGB"),
+    without their copy when the file is RGB already). Grey, CMYK, palette and RGBA become RGB
+    as there (alpha dropped); 16-bit grey is scaled to 8 bits, where convert() would clip
+    everything above 255 to white."""
     img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs)
+        return Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(
+            np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what Pillow asks for; the same colours, without its warning
+    return img.convert("RGB")
 
 
 def to_uint8(img):
@@ -412,13 +438,16 @@ def to_uint8(img):
 
 def collate(batch):
     """uint8 NCHW batch (channels_last memory, free to make) and int64 targets; with
-    --device-aug also the ops drawn for each image, float64 [N, slots, 7]."""
+    --device-aug also the ops drawn for each image, float64 [N, slots, 7]; last, when the
+    dataset skipped unreadable images for this batch, their list ("path: reason")."""
     samples, ops = [b[0] for b in batch], None
     if isinstance(samples[0], tuple):
         samples, ops = zip(*samples)
     images = torch.from_numpy(np.stack(samples)).permute(0, 3, 1, 2)
     target = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-    return (images, target) if ops is None else (images, target, torch.from_numpy(np.stack(ops)))
+    out = (images, target) if ops is None else (images, target, torch.from_numpy(np.stack(ops)))
+    skipped = getattr(batch, "skipped", ())
+    return out + (list(skipped),) if skipped else out
 
 
 def random_resized_crop_params(width, height, scale, ratio, rng=random):
@@ -1186,7 +1215,7 @@ class TrainSampler(torch.utils.data.Sampler):
             raise UserError(f"rank {rank} outside a world of {world}")
         self.length, self.batch, self.accum, self.world, self.rank = length, batch, accum, \
             world, rank
-        self.seed, self.batch_seed, self.epoch = seed, batch_seed, 0
+        self.seed, self.batch_seed, self.epoch, self.skip = seed, batch_seed, 0, 0
         self.updates = length // (batch * accum * world)
 
     def epoch_order(self):
@@ -1198,14 +1227,17 @@ class TrainSampler(torch.utils.data.Sampler):
         order, b = self.epoch_order(), self.batch
         chunks = ((k * self.world + self.rank) * self.accum + m
                   for k in range(self.updates) for m in range(self.accum))
+        chunks = itertools.islice(chunks, self.skip, None)
         return batch_keys(((c, order[c * b:(c + 1) * b]) for c in chunks), self.batch_seed,
                           self.epoch)
 
     def __len__(self):
-        return self.updates * self.accum * self.batch
+        return (self.updates * self.accum - self.skip) * self.batch
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """Epoch `epoch` from this rank's batch `skip` on (a run resumed mid-epoch): the
+        batches before it are neither decoded nor augmented."""
+        self.epoch, self.skip = epoch, skip
 
 
 class RepeatedAugSampler(torch.utils.data.Sampler):
@@ -1228,7 +1260,7 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         if not 0 <= rank < world:
             raise UserError(f"rank {rank} outside a world of {world}")
         self.length, self.repeats, self.world, self.rank = length, int(repeats), world, rank
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.seed, self.shuffle, self.epoch, self.skip = seed, shuffle, 0, 0
         self.batch, self.batch_seed = batch, batch_seed
         rounded = length // 256 * 256
         self.num_samples = rounded // world if rounded else math.ceil(length / world)
@@ -1256,14 +1288,17 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         # this rank's j-th batch is chunk j x world + rank
         b = self.batch
         return batch_keys(((j * self.world + self.rank, indices[j * b:(j + 1) * b])
-                           for j in range(math.ceil(len(indices) / b))), self.batch_seed,
-                          self.epoch)
+                           for j in range(self.skip, math.ceil(len(indices) / b))),
+                          self.batch_seed, self.epoch)
 
     def __len__(self):
-        return self.num_samples
+        return max(self.num_samples - self.skip * (self.batch or 0), 0)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """As TrainSampler.set_epoch; skipping needs batches (batch=...)."""
+        if skip and self.batch is None:
+            raise ValueError("RepeatedAugSampler skips batches only when made with batch=")
+        self.epoch, self.skip = epoch, skip
 
 
 # ==================================================================================================
@@ -1910,6 +1945,10 @@ def worker_init(worker_id):
     # torch seeds `random` and torch per worker; numpy too, for any numpy-based transform (a
     # training batch reseeds all three from its own seed: ImageFolder.__getitems__)
     np.random.seed(torch.initial_seed() % 2 ** 32)
+    # Ctrl-C and SLURM's signals reach the whole process group: the main process stops the run
+    # at a step boundary and needs its workers until then (they exit with it)
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def default_workers():
@@ -1931,21 +1970,24 @@ def make_loader(dataset, batch, workers, device, sampler, drop_last):
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
-def to_device(loader, device, augment=None):
+def to_device(loader, device, augment=None, skipped=None):
     """The loader's batches on `device`, normalised. On CUDA, timm's PrefetchLoader: the next
     batch is copied and normalised on a side stream while the current one trains. A batch that
-    comes with ops (--device-aug) is first augmented by `augment(images, ops)` there."""
+    comes with ops (--device-aug) is first augmented by `augment(images, ops)` there. The
+    images skipped for a batch are added to the list `skipped` when the batch is yielded."""
     stream = _side_stream(device) if device.type == "cuda" else None
 
     def load(batch):
-        images, target, *ops = batch
+        images, target, *rest = batch
+        ops = [r for r in rest if torch.is_tensor(r)]
+        bad = [p for r in rest if isinstance(r, list) for p in r]
         with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
             images = images.to(device, non_blocking=True)
             if ops:
                 images = augment(images, ops[0])
             images = normalize(images)
             target = target.to(device, non_blocking=True)
-        return images, target
+        return images, target, bad
 
     batches = iter(loader)
     ready = next(batches, None)
@@ -1954,11 +1996,13 @@ def to_device(loader, device, augment=None):
         if stream:
             current = torch.cuda.current_stream(device)
             current.wait_stream(stream)
-            for t in ready:  # made on the side stream, used and freed on this one
+            for t in ready[:2]:  # made on the side stream, used and freed on this one
                 t.record_stream(current)
-        batch, ready = ready, next(batches, None)
+        (images, target, bad), ready = ready, next(batches, None)
         ready = ready and load(ready)
-        yield batch
+        if skipped is not None:
+            skipped.extend(bad)
+        yield images, target
 
 
 @functools.lru_cache(maxsize=8)
@@ -2005,10 +2049,39 @@ def average_bn_stats(model, world):
 
 
 def save_checkpoint(path, state):
-    """Written to a temporary file, then renamed: a crash mid-save never loses the last one."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Crash-safe: written to path.tmp, fsync'd, then renamed over `path`, whose previous
+    version stays as prev.pth (a hard link, no second write). A kill at any moment leaves
+    `path` or prev.pth whole; a failed write (disk full) leaves both as they were and ends
+    the run with one line."""
+    path = Path(path)
+    tmp, prev = path.with_name(path.name + ".tmp"), path.with_name("prev.pth")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            link_checkpoint(path, prev)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"; {path} still holds the previous checkpoint" if path.exists() else ""
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+
+
+def _fsync_dir(folder):
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def link_checkpoint(src, dst):
@@ -2024,13 +2097,56 @@ def link_checkpoint(src, dst):
 
 
 def load_checkpoint(path):
+    """A checkpoint's contents, loaded with weights_only=True: tensors, numbers, strings and
+    containers only. A file holding any other pickled object is refused, never executed."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"refusing checkpoint {path}: it holds pickled Python objects, "
+                            "not only tensors, and loading it could run code") from None
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def resume_checkpoint(resume, out, log):
+    """(checkpoint, path) to continue from, or (None, None). --resume auto takes the run
+    folder's newest checkpoint that loads (last.pth, else prev.pth, saying why it skipped
+    last.pth) and starts afresh where there is none, so one command line serves the first
+    start and every restart; --resume PATH takes that file."""
+    if not resume:
+        if (out / "last.pth").exists():
+            raise UserError(f"{out} already holds a checkpoint (last.pth): pass --resume auto "
+                            "to continue it, or choose another --output")
+        return None, None
+    if resume != "auto":
+        return load_checkpoint(resume), Path(resume)
+    candidates = [p for p in (out / "last.pth", out / "prev.pth") if p.exists()]
+    for path in candidates:
+        try:
+            return load_checkpoint(path), path
+        except UserError as e:
+            log(f"warning: skipping {e} (truncated or corrupt)")
+    if candidates:
+        raise UserError(f"no checkpoint in {out} can be read: start afresh with another --output")
+    log(f"--resume auto: no checkpoint in {out} yet, starting from scratch")
+    return None, None
+
+
+def trim_metrics(path, epochs):
+    """Keep the rows of the first `epochs` epochs: a run killed after writing an epoch's row
+    but before its checkpoint repeats that epoch, and must not log it twice."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= epochs]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    os.replace(tmp, path)
 
 
 def state_dict_of(obj):
@@ -2087,19 +2203,57 @@ def amp_name(amp_dtype):
         amp_dtype, "float32")
 
 
+STOP_SIGNALS = tuple(n for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; --resume auto continues
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after writing its checkpoint."""
+
+
+class StopRequest:
+    """SIGTERM (preemption), SIGUSR1 (SLURM's --signal warning) and Ctrl-C ask the run to stop:
+    the handler only notes the signal, the loop finishes its step, every rank agrees, and a
+    checkpoint is written before the process exits. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                num = getattr(signal, name)
+                self.previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for num, handler in self.previous.items():
+            signal.signal(num, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def poll_flags(bad_steps, streak, stop, save, world):
+    """Collective: (non-finite losses, of them in a row, stop asked, save due), the maxima
+    over ranks, so that every rank takes the same decision at the same step (one rank breaking
+    alone would leave the others waiting in DDP's next all-reduce). One sync per call."""
+    flags = torch.stack([bad_steps, streak, torch.full_like(bad_steps, int(stop)),
+                         torch.full_like(bad_steps, int(save))])
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
 SKIPPED_IN_A_ROW = 25  # fp16: non-finite losses in a row that end a run (65536 -> 1 is 17 halvings)
 
 
-def nonfinite_stop(bad_steps, streak, scaler, world):
-    """Collective: the same answer on every rank, so that all leave the loop together (one rank
-    breaking alone would leave the others waiting in DDP's next all-reduce). Without a grad
-    scaler any non-finite loss stops the run before a step poisons the weights; with fp16's
-    scaler a non-finite loss is a step GradScaler skips (it lowers the scale), and only
-    SKIPPED_IN_A_ROW of them in a row, on any rank, stop it."""
-    worst = torch.stack([bad_steps, streak])
-    if world > 1:
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    bad, in_a_row = worst.tolist()
+def nonfinite_stop(bad, in_a_row, scaler):
+    """Without a grad scaler any non-finite loss stops the run before a step poisons the
+    weights; with fp16's scaler a non-finite loss is a step GradScaler skips (it lowers the
+    scale), and only SKIPPED_IN_A_ROW of them in a row, on any rank, stop it."""
     return in_a_row >= SKIPPED_IN_A_ROW if scaler.is_enabled() else bad > 0
 
 
@@ -2130,7 +2284,8 @@ def train(recipe, args):
     root = Path(args.data)
     train_set = ImageFolder(root / "train", TrainTransform(
         recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
-        fast_decode=args.fast_decode, device_aug=args.device_aug), skip_bad=True)
+        fast_decode=args.fast_decode, device_aug=args.device_aug),
+        skip_bad=args.bad_images == "skip")
     val_set = ImageFolder(root / "val", EvalTransform(
         recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"]))
     if val_set.classes != train_set.classes:
@@ -2167,10 +2322,9 @@ def train(recipe, args):
     noise_seed = seed_for(args.seed, SEED_NOISE)
 
     out = Path(args.output)
-    start_epoch, best, ckpt = 0, -1.0, None
-    if args.resume:
-        ckpt_path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt, ckpt_path = resume_checkpoint(args.resume, out, log)
+    start_epoch, start_step, best, partial = 0, 0, -1.0, None
+    if ckpt is not None:
         if ckpt.get("recipe", {}).get("model") not in (None, recipe["model"]):
             raise UserError(f"checkpoint {ckpt_path} is a {ckpt['recipe']['model']}, "
                             f"this run trains a {recipe['model']}")
@@ -2179,14 +2333,21 @@ def train(recipe, args):
             optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best = ckpt.get("epoch", -1) + 1, ckpt.get("best_top1", -1.0)
-        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    elif (out / "last.pth").exists():
-        raise UserError(f"{out} already holds a checkpoint (last.pth): pass --resume auto to "
-                        "continue it, or choose another --output")
+        # "next": (epoch, step) a mid-epoch checkpoint continues at; older ones end an epoch
+        start_epoch, start_step = ckpt.get("next", (ckpt.get("epoch", -1) + 1, 0))
+        best, partial = ckpt.get("best_top1", -1.0), ckpt.get("partial")
+        if start_step and (partial is None or ckpt.get("world") != world
+                           or ckpt.get("steps") != steps):
+            raise UserError(f"{ckpt_path} stopped inside epoch {start_epoch + 1} with "
+                            f"{ckpt.get('world')} process(es) x {ckpt.get('steps')} steps; this "
+                            f"run has {world} x {steps}: resume it with the same world size and "
+                            "batch, or from the epoch's end (prev.pth or an earlier run)")
+        log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}"
+            + (f", step {start_step + 1} of {steps}" if start_step else ""))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+        trim_metrics(out / "metrics.jsonl", start_epoch)
 
     ddp_model = model
     if world > 1:  # DDP broadcasts rank 0's weights and buffers here
@@ -2213,114 +2374,180 @@ def train(recipe, args):
         def loss_fn(logits, y):
             return cross_entropy(logits, y, recipe["label_smoothing"])
 
-    for epoch in range(start_epoch, recipe["epochs"]):
-        train_sampler.set_epoch(epoch)
-        # erasing, Mixup/CutMix, drop path and dropout draw here: a function of (seed, epoch,
-        # rank), not of the run's history
-        step_seed = seed_for(args.seed, SEED_STEP, epoch, rank)
-        seed_all(step_seed)
-        mix_rng = np.random.default_rng(step_seed)
-        ddp_model.train()
-        loss_sum = torch.zeros((), device=device)  # finite losses only
-        bad_steps = torch.zeros((), device=device, dtype=torch.int64)  # non-finite losses
-        streak = torch.zeros_like(bad_steps)  # ... in a row
-        stopped = False
-        t0 = time.perf_counter()
-        bar = None
-        if rank == 0 and not args.quiet:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe['epochs']}",
-                       leave=False, dynamic_ncols=True, mininterval=1.0)
-        batches = to_device(train_loader, device, train_set.transform.on_device)
-        for step, (images, target) in zip(range(steps), batches):
-            t = epoch + (step // accum * accum) / steps if recipe["sched_per_step"] else epoch
-            lr = lr_at(t, recipe, noise_seed=noise_seed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if not channels_last:
-                images = images.contiguous()
-            images, target = augment_batch(images, target, recipe, num_classes, mix_rng)
-            last_micro = (step + 1) % accum == 0
-            sync = ddp_model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = ddp_model(images)
-                loss = loss_fn(logits.float(), target)
-                scaler.scale(loss / accum).backward()
-            if last_micro:
-                if recipe["clip"]:
-                    scaler.unscale_(optimizer)  # timm clips the true gradients
-                    clip_gradients(model, recipe["clip"])
-                scaler.step(optimizer)  # skipped by fp16's scaler when a gradient is not finite
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                update = step // accum
-                # tv: EMA after every ema_every-th update of the epoch, copied during warmup
-                if ema is not None and update % recipe["ema_every"] == 0:
-                    ema.update(model, copy=recipe["ema_style"] == "tv"
-                               and epoch < recipe["warmup_epochs"])
-            loss = loss.detach()
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss, 0.0)
-            bad_steps += ~finite
-            streak = torch.where(finite, 0, streak + 1)
+    def checkpoint(epoch, next_step, sums, row=None):
+        """Everything the rest of the run depends on. The random streams need no saving:
+        every step reseeds them from (seed, epoch, step, rank), and the loader's from (seed,
+        epoch, batch). Mid-epoch (next_step > 0) the epoch's running sums of every rank come
+        along, so that the resumed epoch's row is the uninterrupted one's."""
+        if next_step:
+            gathered = [torch.zeros_like(sums) for _ in range(world)] if world > 1 else [sums]
+            if world > 1:
+                dist.all_gather(gathered, sums)
+        if rank != 0:
+            return
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     ema=ema.state_dict() if ema is not None else None,
+                     scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                     epoch=epoch - 1 if next_step else epoch, best_top1=best, recipe=recipe,
+                     classes=train_set.classes, world=world, steps=steps, seed=args.seed,
+                     next=(epoch, next_step) if next_step else (epoch + 1, 0))
+        if next_step:
+            state["partial"] = torch.stack(gathered).cpu()
+        if row is not None:
+            state["metrics"] = row
+        save_checkpoint(out / "last.pth", state)
+
+    save_every = (args.save_every_minutes or 0) * 60
+    reported = set()  # unreadable images already named
+    last_save = time.monotonic()
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, recipe["epochs"]):
+            first = start_step if epoch == start_epoch else 0
+            train_sampler.set_epoch(epoch, skip=first)  # the batches before `first` not decoded
+            ddp_model.train()
+            # this rank's running sums: finite losses, non-finite ones, of them in a row,
+            # unreadable images skipped
+            sums = torch.zeros(4, dtype=torch.float64, device=device)
+            skipped, counted = [], 0  # this epoch's unreadable images, of them in sums[3]
+            if first:
+                sums.copy_(partial[rank])
+            stopped, pending = False, None
+            t0 = time.perf_counter()
+            bar = None
+            if rank == 0 and not args.quiet:
+                from tqdm import tqdm
+                bar = tqdm(total=steps, initial=first, leave=False, dynamic_ncols=True,
+                           desc=f"epoch {epoch + 1}/{recipe['epochs']}", mininterval=1.0)
+            batches = to_device(train_loader, device, train_set.transform.on_device, skipped)
+            for step, (images, target) in zip(range(first, steps), batches):
+                # erasing, Mixup/CutMix, drop path and dropout draw from streams seeded here: a
+                # function of (seed, epoch, step, rank), so a run resumed at any step continues
+                # exactly, and no two seeds share them
+                step_seed = seed_for(args.seed, SEED_STEP, epoch, step, rank)
+                seed_all(step_seed)
+                mix_rng = np.random.default_rng(step_seed)
+                t = epoch + (step // accum * accum) / steps if recipe["sched_per_step"] else epoch
+                lr = lr_at(t, recipe, noise_seed=noise_seed)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if not channels_last:
+                    images = images.contiguous()
+                images, target = augment_batch(images, target, recipe, num_classes, mix_rng)
+                last_micro = (step + 1) % accum == 0
+                sync = ddp_model.no_sync() if world > 1 and not last_micro \
+                    else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype,
+                                        enabled=amp_dtype is not None):
+                        logits = ddp_model(images)
+                    loss = loss_fn(logits.float(), target)
+                    scaler.scale(loss / accum).backward()
+                if last_micro:
+                    if recipe["clip"]:
+                        scaler.unscale_(optimizer)  # timm clips the true gradients
+                        clip_gradients(model, recipe["clip"])
+                    scaler.step(optimizer)  # skipped by fp16's scaler when a gradient is not finite
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    update = step // accum
+                    # tv: EMA after every ema_every-th update of the epoch, copied during warmup
+                    if ema is not None and update % recipe["ema_every"] == 0:
+                        ema.update(model, copy=recipe["ema_style"] == "tv"
+                                   and epoch < recipe["warmup_epochs"])
+                loss = loss.detach().double()
+                finite = torch.isfinite(loss)
+                sums[0] += torch.where(finite, loss, 0.0)
+                sums[1] += ~finite
+                sums[2] = torch.where(finite, 0.0, sums[2] + 1)
+                if len(skipped) > counted:  # rare: no host-to-device copy otherwise
+                    sums[3] += len(skipped) - counted
+                    counted = len(skipped)
+                if bar is not None:
+                    bar.update()
+                    if (step + 1) % args.log_interval == 0 or step + 1 == steps:
+                        seen = (step + 1 - first) * per_device * world
+                        bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.4f}", lr=f"{lr:.3g}",
+                                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                save_due = bool(save_every) and time.monotonic() - last_save >= save_every
+                if (step + 1) % args.log_interval == 0:  # all ranks, the same steps
+                    bad, in_a_row, stop_asked, save_asked = poll_flags(
+                        sums[1].long(), sums[2].long(), stop.signum, save_due and rank == 0,
+                        world)
+                    if nonfinite_stop(bad, in_a_row, scaler):
+                        stopped = True
+                        break
+                    pending = (stop_asked, save_asked) if stop_asked or save_asked else pending
+                elif world == 1 and (stop.signum or save_due):  # no collective needed
+                    pending = (stop.signum, save_due)
+                if pending and last_micro and step + 1 < steps:
+                    checkpoint(epoch, step + 1, sums)
+                    last_save = time.monotonic()
+                    if pending[0]:
+                        if bar is not None:
+                            bar.close()
+                        raise Stopped(f"epoch {epoch + 1}, step {step + 1} of {steps}")
+                    pending = None
             if bar is not None:
-                bar.update()
-                if (step + 1) % args.log_interval == 0 or step + 1 == steps:
-                    seen = (step + 1) * per_device * world
-                    bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}", lr=f"{lr:.3g}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            if (step + 1) % args.log_interval == 0:
-                stopped = nonfinite_stop(bad_steps, streak, scaler, world)
-                if stopped:
-                    break
-        if bar is not None:
-            bar.close()
-        sums = torch.stack([loss_sum, bad_steps.to(loss_sum.dtype)])
-        if world > 1:
-            dist.all_reduce(sums)
-        loss_total, bad = sums[0].item(), int(sums[1].item())
-        good = steps * world - bad
-        if stopped or (bad and not scaler.is_enabled()) or good <= 0 \
-                or not math.isfinite(loss_total):
-            absorbed = " (more than fp16 loss scaling can absorb)" if scaler.is_enabled() else ""
-            raise UserError(f"training loss became nan/inf in epoch {epoch + 1} (lr {lr:g}, "
-                            f"{bad} step(s){absorbed}); {out / 'last.pth'} still holds the last "
-                            "good epoch: resume it with --resume auto and a lower --lr")
-        train_loss = loss_total / good
-        train_time = time.perf_counter() - t0
-        if world > 1:
-            average_bn_stats(model, world)
+                bar.close()
+            if world > 1:
+                totals = sums.clone()
+                dist.all_reduce(totals)
+            else:
+                totals = sums
+            loss_total, bad = totals[0].item(), int(totals[1].item())
+            good = steps * world - bad
+            if stopped or (bad and not scaler.is_enabled()) or good <= 0 \
+                    or not math.isfinite(loss_total):
+                absorbed = " (more than fp16 loss scaling can absorb)" if scaler.is_enabled() \
+                    else ""
+                raise UserError(f"training loss became nan/inf in epoch {epoch + 1} (lr {lr:g}, "
+                                f"{bad} step(s){absorbed}); {out / 'last.pth'} still holds the "
+                                "last good epoch: resume it with --resume auto and a lower --lr")
+            train_loss = loss_total / good
+            train_time = time.perf_counter() - t0
+            bad_images = int(totals[3].item())
+            if bad_images:  # each path once a run, by rank 0
+                lists = [skipped]
+                if world > 1:
+                    lists = [None] * world
+                    dist.all_gather_object(lists, skipped)
+                for line in sorted({p for part in lists for p in part} - reported):
+                    log(f"warning: skipped unreadable image {line}")
+                    reported.add(line)
+            if world > 1:
+                average_bn_stats(model, world)
+                if ema is not None:
+                    average_bn_stats(ema.module, world)
+            # the plain model: ranks may hold different numbers of eval batches, and DDP's
+            # forward could wait on a collective
+            metrics = evaluate(model, val_loader, device, amp_dtype, world)
+            row = dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=round(train_loss, 5),
+                       top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
+                       val_loss=round(metrics["loss"], 5))
             if ema is not None:
-                average_bn_stats(ema.module, world)
-        # the plain model: ranks may hold different numbers of eval batches, and DDP's forward
-        # could wait on a collective
-        metrics = evaluate(model, val_loader, device, amp_dtype, world)
-        row = dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=round(train_loss, 5),
-                   top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
-                   val_loss=round(metrics["loss"], 5))
-        if ema is not None:
-            # timm and tv: the EMA weights are the result; timm keeps the best by their top-1
-            metrics = evaluate(ema.module, val_loader, device, amp_dtype, world)
-            row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
-        is_best = metrics["top1"] > best
-        best = max(best, metrics["top1"])
-        if scaler.is_enabled():  # steps GradScaler skipped for a non-finite loss, its scale
-            row.update(skipped_steps=bad, grad_scale=scaler.get_scale())
-        row.update(best_top1=round(best, 3), val_images=metrics["images"],
-                   train_img_s=round(steps * per_device * world / train_time, 1),
-                   epoch_s=round(time.perf_counter() - t0, 1))
-        log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         ema=ema.state_dict() if ema is not None else None,
-                         scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch,
-                         best_top1=best, metrics=row, recipe=recipe, classes=train_set.classes)
-            save_checkpoint(out / "last.pth", state)
-            if is_best:
+                # timm and tv: the EMA weights are the result; timm keeps the best by their top-1
+                metrics = evaluate(ema.module, val_loader, device, amp_dtype, world)
+                row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
+            is_best = metrics["top1"] > best
+            best = max(best, metrics["top1"])
+            if scaler.is_enabled():  # steps GradScaler skipped for a non-finite loss, its scale
+                row.update(skipped_steps=bad, grad_scale=scaler.get_scale())
+            row.update(best_top1=round(best, 3), val_images=metrics["images"],
+                       bad_images=bad_images,
+                       train_img_s=round((steps - first) * per_device * world / train_time, 1),
+                       epoch_s=round(time.perf_counter() - t0, 1))
+            log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            checkpoint(epoch, 0, sums, row)
+            last_save = time.monotonic()
+            if rank == 0 and is_best:
                 link_checkpoint(out / "last.pth", out / "best.pth")
+            # a signal during evaluation: stop here, all ranks together
+            if epoch + 1 < recipe["epochs"] and poll_flags(
+                    sums[1].long(), sums[2].long(), stop.signum, False, world)[2]:
+                raise Stopped(f"the end of epoch {epoch + 1}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -2467,7 +2694,13 @@ def run_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo", action="store_true", help="train on generated demo data")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe")
-    p.add_argument("--resume", help="'auto' (the output's last.pth) or a checkpoint path")
+    p.add_argument("--resume", help="'auto': continue the --output folder's run where it "
+                   "stopped, or start it if it has no checkpoint yet; or a checkpoint path")
+    p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
+                   help="unreadable training images: skip them (each reported once, counted "
+                   "per epoch in metrics.jsonl) or stop with an error")
+    p.add_argument("--save-every-minutes", type=float, default=None, metavar="M",
+                   help="also checkpoint inside an epoch every M minutes (preemptible jobs)")
     p.add_argument("--device-batch", type=int, help="images per device per step; the rest of "
                    "the global batch comes from gradient accumulation")
     p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
@@ -2566,6 +2799,11 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
             if args.lr_note:
                 print(args.lr_note)
         return train(recipe, args)
+    except Stopped as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped by a signal at {e}, after saving {Path(args.output) / 'last.pth'}; "
+                  f"continue with the same command and --resume auto", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

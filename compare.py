@@ -1,0 +1,311 @@
+"""Side-by-side accuracy against the reference code: N seeds of one of our recipes and N of the
+reference train.py with the same settings, run one at a time; prints both distributions, the
+difference of the means with a 95% confidence interval, and the wall-time ratio. Run by hand,
+never in CI (README "Compared with timm's train.py" comes from it).
+
+    python compare.py digits /tmp/digits          # the README's data (needs scikit-learn)
+    python compare.py a3 --data /tmp/digits --reference ~/pytorch-image-models/train.py --seeds 8
+    python compare.py d --data /tmp/digits --reference ~/pytorch-image-models/train.py --seeds 8
+
+A comparison is a recipe script plus the scaled-down overrides below (COMPARISONS); `--set KEY
+VALUE` adds or changes one. Our command line is resolved by the script's own parser, and that
+resolved recipe is translated into the reference's flags (timm_args), so both sides run the
+same numbers. Both runs of a seed go one after the other; finished runs are kept in --out and
+not run again, so an interrupted comparison continues where it stopped.
+
+timm's train.py needs the timm package it was written for (pip install timm); its repository is
+https://github.com/huggingface/pytorch-image-models. Nothing of it is kept in this repo.
+"""
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+
+# ResNet-18 at 32 px on the UCI digits, batch 64: the settings of README's comparisons
+SMALL = dict(model="resnet18", train_size=32, eval_size=32, batch_size=64, warmup_epochs=1)
+COMPARISONS = {
+    # issue 15: LAMB 4e-3 (the recipe's 8e-3 halved by hand, as in the first comparison)
+    "a3": ("train_a3.py", dict(SMALL, epochs=12, lr=4e-3, min_lr=1e-6, warmup_lr=1e-4)),
+    "b": ("train_b.py", dict(SMALL, epochs=15)),  # lr scaled linearly by the script
+    "d": ("train_d.py", dict(SMALL, epochs=15)),
+}
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # Student t, 97.5% quantile, df 1..30
+
+
+# ==================================================================================================
+# The data: UCI handwritten digits as 32 px RGB PNGs, a fixed 80/20 split per class
+# ==================================================================================================
+
+def make_digits(root, size=32):
+    """root/{train,val}/<digit>/<i>.png: the last ceil(20%) of each class (in the data set's
+    order) is val, 1,433 train and 364 val images."""
+    try:
+        from sklearn.datasets import load_digits  # ships the data: no download
+    except ImportError:
+        sys.exit("the digits data set comes with scikit-learn: pip install scikit-learn")
+    from PIL import Image
+    digits = load_digits()
+    root = Path(root)
+    for label in range(10):
+        images = digits.images[digits.target == label]
+        n_val = math.ceil(0.2 * len(images))
+        for i, image in enumerate(images):
+            split = "val" if i >= len(images) - n_val else "train"
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (image * (255 / 16)).round().astype("uint8")
+            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert("RGB").save(
+                folder / f"{i:04d}.png")
+    counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "val")}
+    print(f"{root}: {counts['train']} train, {counts['val']} val images, 10 classes, {size} px")
+
+
+# ==================================================================================================
+# Our recipe, resolved, and the same numbers as timm train.py flags
+# ==================================================================================================
+
+def resolved_recipe(script, argv):
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return common.parse_args(module.RECIPE, argv)[1]
+
+
+def timm_args(r):
+    """timm train.py flags for the resolved recipe `r`; a key timm cannot express is an error."""
+    def unsupported(what):
+        raise common.UserError(f"timm's train.py has no equivalent of {what}")
+    if r["train_size"] != r["eval_size"]:
+        unsupported(f"train size {r['train_size']} != eval size {r['eval_size']} during training")
+    if r["wd_groups"] != "timm" or r["mixup_style"] != "timm" or r["remode"] != "pixel":
+        unsupported("the tv variants of weight-decay groups, Mixup or erasing")
+    if r["warmup_factor"] is not None or r["repeated_aug"] or r["ema_every"] != 1:
+        unsupported("tv's warmup factor, repeated augmentation or EMA every n steps here")
+    opt = r["opt"]
+    if opt == "sgd":  # timm's "sgd" is Nesterov SGD, "momentum" plain momentum SGD
+        opt = "sgd" if r["nesterov"] else "momentum"
+    a = ["--model", r["model"], "--epochs", r["epochs"], "-b", r["batch_size"],
+         "--img-size", r["train_size"], "--crop-pct", r["crop_pct"],
+         "--interpolation", r["interpolation"], "--train-interpolation", r["interpolation"],
+         "--opt", opt, "--lr", r["lr"], "--weight-decay", r["weight_decay"],
+         "--sched", r["sched"], "--warmup-epochs", r["warmup_epochs"],
+         "--warmup-lr", r["warmup_lr"], "--min-lr", r["min_lr"] or 0,
+         "--smoothing", r["label_smoothing"] or 0, "--drop", r["dropout"] or 0,
+         "--drop-path", r["drop_path"] or 0, "--mixup", r["mixup"] or 0,
+         "--cutmix", r["cutmix"] or 0, "--reprob", r["reprob"] or 0,
+         "--remode", r["remode"], "--recount", r["recount"]]
+    for key, flag in (("momentum", "--momentum"), ("opt_eps", "--opt-eps")):
+        if r[key] is not None:
+            a += [flag, r[key]]
+    if r["opt_betas"]:
+        a += ["--opt-betas", *r["opt_betas"]]
+    if r["sched_per_step"]:
+        a += ["--sched-on-updates"]
+    if r["warmup_prefix"]:
+        a += ["--warmup-prefix"]
+    if r["sched"] == "step":
+        a += ["--decay-rate", r["decay_rate"], "--decay-epochs", r["decay_epochs"]]
+    if r["lr_noise"]:
+        a += ["--lr-noise", *r["lr_noise"], "--lr-noise-pct", r["lr_noise_pct"],
+              "--lr-noise-std", r["lr_noise_std"]]
+    if r["loss"] == "bce":
+        a += ["--bce-loss"]
+        if r["bce_target_thresh"] is not None:
+            a += ["--bce-target-thresh", r["bce_target_thresh"]]
+    if r["clip"]:
+        a += ["--clip-grad", r["clip"]["value"], "--clip-mode", r["clip"]["mode"]]
+    if r["auto_augment"]:
+        a += ["--aa", r["auto_augment"]]
+    if not r["zero_init_last"]:
+        a += ["--model-kwargs", "zero_init_last=False"]
+    if r["ema_decay"]:
+        a += ["--model-ema", "--model-ema-decay", r["ema_decay"]]
+    return [str(v) for v in a]
+
+
+# ==================================================================================================
+# One run of each side: command, then its per-epoch results
+# ==================================================================================================
+
+def our_command(script, data, seed, workers, out, argv, cuda):
+    return [sys.executable, str(ROOT / script), "--data", data, "--seed", str(seed), "--workers",
+            str(workers), "--output", str(out), "--quiet", *(["--amp-dtype", "bf16"] if cuda
+                                                             else []), *argv]
+
+
+def timm_command(reference, recipe, data, seed, workers, out, cuda):
+    amp = ["--amp", "--amp-dtype", "bfloat16"] if cuda and recipe["amp"] else []
+    classes = sum(1 for d in (Path(data) / "train").iterdir() if d.is_dir())
+    return [sys.executable, str(reference), "--data-dir", data, "--train-split", "train",
+            "--val-split", "val", "--num-classes", str(classes), "--no-prefetcher", "--seed", str(seed), "-j", str(workers),
+            "--output", str(out.parent), "--experiment", out.name, "--log-interval", "100000",
+            "--checkpoint-hist", "1", "--device", "cuda" if cuda else "cpu", *amp,
+            *timm_args(recipe)]
+
+
+def our_rows(out):
+    """[(top1, ema_top1 or None, lr)] per epoch from our metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["top1"], r.get("ema_top1"), r["lr"]) for r in rows]
+
+
+TIMM_TEST = re.compile(r"Test( \(EMA\))?: \[\s*(\d+)/(\d+)\].*Acc@1:\s*[\d.]+\s*\(\s*([\d.]+)\)")
+
+
+def timm_rows(out, log):
+    """The same from timm: top-1 of the model and the EMA from its log (summary.csv holds the
+    EMA's alone when there is one), the lr from summary.csv."""
+    plain, ema = [], []
+    for m in TIMM_TEST.finditer(log):
+        if m.group(2) == m.group(3):  # the last batch's line carries the running average
+            (ema if m.group(1) else plain).append(float(m.group(4)))
+    with open(out / "summary.csv") as f:
+        lrs = [float(row["lr"]) for row in csv.DictReader(f)]
+    ema = ema or [None] * len(plain)
+    return list(zip(plain, ema, lrs))
+
+
+def run_one(side, cmd, out, epochs, threads, parse):
+    """Run one training (unless a finished one is in `out`) and return its result."""
+    done = out / "compare-run.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if out.exists():  # an interrupted run: start it again from scratch
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
+    print(f"  {side}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    (out / "compare-log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.exit(f"{side} failed (exit {proc.returncode}); its log: {out / 'compare-log.txt'}\n"
+                 + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
+    rows = parse(out, proc.stdout + proc.stderr)
+    if len(rows) != epochs:
+        sys.exit(f"{side}: {len(rows)} epochs in its results, expected {epochs} ({out})")
+    top1 = [r[0] for r in rows]
+    result = dict(final=top1[-1], best=max(top1), final_ema=rows[-1][1],
+                  lr=[r[2] for r in rows], seconds=round(seconds, 1), command=cmd)
+    done.write_text(json.dumps(result) + "\n")
+    return result
+
+
+# ==================================================================================================
+# Statistics: mean +- std per side, difference of means with a Welch 95% interval
+# ==================================================================================================
+
+def t975(df):
+    if df >= 30:
+        return 1.96 + 2.4 / df  # within 0.003 of the exact quantile for df >= 30
+    return T975[max(int(df), 1) - 1]  # rounding df down: a slightly wider interval
+
+
+def difference(ours, ref):
+    """(mean difference, 95% CI half-width, difference / pooled std) of two samples."""
+    n1, n2 = len(ours), len(ref)
+    v1, v2 = statistics.variance(ours), statistics.variance(ref)
+    se2 = v1 / n1 + v2 / n2
+    diff = statistics.mean(ours) - statistics.mean(ref)
+    if se2 == 0:
+        return diff, 0.0, 0.0 if diff == 0 else math.inf
+    df = se2 ** 2 / ((v1 / n1) ** 2 / (n1 - 1) + (v2 / n2) ** 2 / (n2 - 1))
+    pooled = math.sqrt(((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2))
+    return diff, t975(df) * math.sqrt(se2), diff / pooled if pooled else math.inf
+
+
+def describe(values):
+    return (f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} "
+            f"(min {min(values):.2f}, max {max(values):.2f})")
+
+
+def report(name, results):
+    ours, ref = results["ours"], results["reference"]
+    lines = [f"{name}: {len(ours)} seeds a side (ours {', '.join(str(s) for s in results['seeds'])})",
+             "| | final top-1 | best top-1 | wall time |", "|---|---|---|---|"]
+    for side, runs in (("ours", ours), ("reference", ref)):
+        lines.append(f"| {side} | {describe([r['final'] for r in runs])} | "
+                     f"{describe([r['best'] for r in runs])} | "
+                     f"{statistics.mean(r['seconds'] for r in runs):.1f} s |")
+    for key in ("final", "best"):
+        diff, half, effect = difference([r[key] for r in ours], [r[key] for r in ref])
+        lines.append(f"{key} top-1, ours - reference: {diff:+.2f} (95% CI {diff - half:+.2f} to "
+                     f"{diff + half:+.2f}), {effect:+.2f} pooled standard deviations")
+    ratio = (statistics.mean(r["seconds"] for r in ours) /
+             statistics.mean(r["seconds"] for r in ref))
+    lines.append(f"wall time ours / reference: {ratio:.2f}")
+    lr_gap = max(abs(a - b) / max(abs(b), 1e-12)
+                 for o, f in zip(ours, ref) for a, b in zip(o["lr"], f["lr"]))
+    lines.append(f"per-epoch lr, largest relative difference between the sides: {lr_gap:.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["digits"]:
+        if len(argv) != 2:
+            sys.exit("usage: python compare.py digits DIR")
+        return make_digits(argv[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("comparison", choices=list(COMPARISONS))
+    p.add_argument("--data", required=True, help="folder with train/ and val/")
+    p.add_argument("--reference", required=True, help="path of timm's train.py")
+    p.add_argument("--seeds", type=int, default=8, help="seeds a side: 0..N-1 (default 8)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="loader workers, both sides")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS, both sides")
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="change one recipe key on both sides (--set epochs 20)")
+    p.add_argument("--out", help="folder for the runs (default runs/compare-<comparison>)")
+    args = p.parse_args(argv)
+    if args.seeds < 2:
+        p.error("--seeds: at least 2 a side, for a standard deviation")
+    script, overrides = COMPARISONS[args.comparison]
+    overrides = dict(overrides, **{k.replace("-", "_"): v for k, v in args.set})
+    flags = [x for k, v in overrides.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    recipe = resolved_recipe(script, flags)
+    out = Path(args.out or f"runs/compare-{args.comparison}")
+    import torch
+    cuda = torch.cuda.is_available()
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    results = dict(seeds=seeds, recipe=recipe, ours=[], reference=[])
+    print(f"{args.comparison}: {script} {' '.join(flags)}\n  timm: {' '.join(timm_args(recipe))}")
+    for seed in seeds:  # the two sides alternate, so that a slower machine hour hits both
+        print(f"seed {seed}", flush=True)
+        mine = out / f"ours-seed{seed}"
+        results["ours"].append(run_one(
+            "ours", our_command(script, args.data, seed, args.workers, mine, flags, cuda), mine,
+            recipe["epochs"], args.threads, lambda o, log: our_rows(o)))
+        theirs = out / f"reference-seed{seed}"
+        results["reference"].append(run_one(
+            "reference", timm_command(args.reference, recipe, args.data, seed, args.workers,
+                                      theirs, cuda),
+            theirs, recipe["epochs"], args.threads, timm_rows))
+        print(f"  top-1 ours {results['ours'][-1]['final']:.2f}, reference "
+              f"{results['reference'][-1]['final']:.2f}", flush=True)
+    text = report(args.comparison, results)
+    print(text)
+    (out / "compare.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "compare.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
