@@ -146,7 +146,9 @@ def part_train_eval(args, work, data):
                        key=lambda row: row["top1"])
             ecode, etext, _ = sh([sys.executable, "eval.py", "--checkpoint", str(out / "best.pth"),
                                   "--data", str(data), "--device", args.device], timeout=120)
-            scored = json.loads(etext.strip().splitlines()[-1]) if ecode == 0 else None
+            # eval.py: JSON lines on stdout, its table on stderr (sh() returns both)
+            scored = next((json.loads(line) for line in etext.splitlines()
+                           if line.startswith("{")), None) if ecode == 0 else None
             r.update(train_top1=best["top1"], eval_top1=scored and scored["top1"],
                      same_top1=bool(scored) and abs(scored["top1"] - best["top1"]) < 1e-6,
                      eval_tail=None if ecode == 0 else etext)

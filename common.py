@@ -20,6 +20,8 @@ import random
 import re
 import shutil
 import signal
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -2257,7 +2259,114 @@ def nonfinite_stop(bad, in_a_row, scaler):
     return in_a_row >= SKIPPED_IN_A_ROW if scaler.is_enabled() else bad > 0
 
 
+def timed(iterable, waited):
+    """The items of `iterable`; the seconds spent waiting for them are added to waited[0]."""
+    iterator = iter(iterable)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield item
+
+
+def peak_memory(device):
+    """This epoch's peak device memory on CUDA; the process's peak resident memory (all
+    epochs, what the OS counts) elsewhere."""
+    if device.type == "cuda":
+        return dict(peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2))
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(peak_rss_gb=round(rss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30, 2))
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({os.cpu_count()} cores)"
+
+
+def code_version():
+    """(git commit of this code, whether tracked files differ from it), (None, None) outside a
+    git checkout or without git."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root,
+                              capture_output=True, timeout=30)
+        return commit.stdout.strip(), diff.returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def add_provenance(path, facts):
+    """Append this start's provenance to `path` (a JSON list, one entry per start or resume):
+    what a reproduction that falls short is asked for (timm #504, #2618; tv #3995)."""
+    import PIL
+    import platform
+    import socket
+    import torchvision
+    commit, modified = code_version()
+    entry = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 command=[sys.executable, *sys.argv], cwd=os.getcwd(), host=socket.gethostname(),
+                 git_commit=commit, git_modified=modified, python=platform.python_version(),
+                 torch=torch.__version__, torchvision=torchvision.__version__,
+                 pillow=PIL.__version__, numpy=np.__version__, cuda=torch.version.cuda,
+                 cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                 **facts)
+    entries = json.loads(path.read_text()) if path.exists() else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries + [entry], indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def tensorboard_writer(folder):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -r requirements-extra.txt)") from None
+    return SummaryWriter(str(folder))
+
+
+def write_summary(out, recipe, seconds, device_seconds):
+    """summary.json from the run's metrics.jsonl: final and best top-1 of the model and the
+    EMA, the epoch of each best, hours, device-hours (hours x processes, summed over starts),
+    mean train img/s, and the published top-1 of the recipe."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = dict(recipe=recipe["recipe"], model=recipe["model"], epochs=len(rows),
+                   final_top1=rows[-1]["top1"],
+                   best_top1=max(r["top1"] for r in rows),
+                   best_epoch=max(rows, key=lambda r: r["top1"])["epoch"])
+    if "ema_top1" in rows[-1]:
+        best_ema = max(rows, key=lambda r: r["ema_top1"])
+        summary.update(final_ema_top1=rows[-1]["ema_top1"], best_ema_top1=best_ema["ema_top1"],
+                       best_ema_epoch=best_ema["epoch"])
+    summary.update(hours=round(seconds / 3600, 4), device_hours=round(device_seconds / 3600, 4),
+                   train_img_s=round(statistics.mean(r["train_img_s"] for r in rows), 1),
+                   paper_top1=recipe.get("paper_top1"), top1_source=recipe.get("top1_source"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def summary_line(s):
+    ema = (f"; EMA {s['final_ema_top1']:.2f} (best {s['best_ema_top1']:.2f} at epoch "
+           f"{s['best_ema_epoch']})" if "final_ema_top1" in s else "")
+    return (f"summary: {s['recipe']} {s['model']}, {s['epochs']} epochs: top-1 "
+            f"{s['final_top1']:.2f} (best {s['best_top1']:.2f} at epoch {s['best_epoch']})"
+            f"{ema}; published {s['paper_top1']} ({s['top1_source']}); {s['hours']:.2f} h, "
+            f"{s['device_hours']:.2f} device-hours, {s['train_img_s']:,.0f} train img/s")
+
+
 def train(recipe, args):
+    started = time.perf_counter()
     if not Path(args.data).is_dir():
         raise UserError(f"data folder {args.data} does not exist")
     device, rank, world = setup_device(args.device)
@@ -2344,10 +2453,25 @@ def train(recipe, args):
                             "batch, or from the epoch's end (prev.pth or an earlier run)")
         log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}"
             + (f", step {start_step + 1} of {steps}" if start_step else ""))
+    # time before this start: the summary's hours and device-hours count every start
+    elapsed_before, device_before = (ckpt.get("elapsed_s", 0.0), ckpt.get("device_s", 0.0)) \
+        if ckpt is not None else (0.0, 0.0)
+    names = [device_name(device)]
+    if world > 1:
+        names = [None] * world
+        dist.all_gather_object(names, device_name(device))
+    tensorboard = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
         trim_metrics(out / "metrics.jsonl", start_epoch)
+        add_provenance(out / "provenance.json", dict(
+            devices=names, world_size=world, device_batch=per_device, accum_steps=accum,
+            workers=args.workers, precision=amp_name(amp_dtype), channels_last=channels_last,
+            compile=bool(args.compile), seed=args.seed, resumed_from=ckpt_path and str(
+                ckpt_path), start_epoch=start_epoch + 1, start_step=start_step + 1))
+        if args.tensorboard:
+            tensorboard = tensorboard_writer(args.tensorboard)
 
     ddp_model = model
     if world > 1:  # DDP broadcasts rank 0's weights and buffers here
@@ -2390,6 +2514,8 @@ def train(recipe, args):
                      scaler=scaler.state_dict() if scaler.is_enabled() else None,
                      epoch=epoch - 1 if next_step else epoch, best_top1=best, recipe=recipe,
                      classes=train_set.classes, world=world, steps=steps, seed=args.seed,
+                     elapsed_s=elapsed_before + time.perf_counter() - started,
+                     device_s=device_before + (time.perf_counter() - started) * world,
                      next=(epoch, next_step) if next_step else (epoch + 1, 0))
         if next_step:
             state["partial"] = torch.stack(gathered).cpu()
@@ -2418,7 +2544,11 @@ def train(recipe, args):
                 from tqdm import tqdm
                 bar = tqdm(total=steps, initial=first, leave=False, dynamic_ncols=True,
                            desc=f"epoch {epoch + 1}/{recipe['epochs']}", mininterval=1.0)
-            batches = to_device(train_loader, device, train_set.transform.on_device, skipped)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            waited = [0.0]  # seconds spent waiting for the loader
+            batches = timed(to_device(train_loader, device, train_set.transform.on_device,
+                                      skipped), waited)
             for step, (images, target) in zip(range(first, steps), batches):
                 # erasing, Mixup/CutMix, drop path and dropout draw from streams seeded here: a
                 # function of (seed, epoch, step, rank), so a run resumed at any step continues
@@ -2533,13 +2663,19 @@ def train(recipe, args):
             if scaler.is_enabled():  # steps GradScaler skipped for a non-finite loss, its scale
                 row.update(skipped_steps=bad, grad_scale=scaler.get_scale())
             row.update(best_top1=round(best, 3), val_images=metrics["images"],
-                       bad_images=bad_images,
+                       bad_images=bad_images, data_wait=round(waited[0] / train_time, 3),
+                       **peak_memory(device),
                        train_img_s=round((steps - first) * per_device * world / train_time, 1),
                        epoch_s=round(time.perf_counter() - t0, 1))
             log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
             if rank == 0:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if tensorboard is not None:
+                    for key, value in row.items():
+                        if key != "epoch":
+                            tensorboard.add_scalar(key, value, epoch + 1)
+                    tensorboard.flush()
             checkpoint(epoch, 0, sums, row)
             last_save = time.monotonic()
             if rank == 0 and is_best:
@@ -2548,6 +2684,13 @@ def train(recipe, args):
             if epoch + 1 < recipe["epochs"] and poll_flags(
                     sums[1].long(), sums[2].long(), stop.signum, False, world)[2]:
                 raise Stopped(f"the end of epoch {epoch + 1}")
+    if rank == 0:
+        if tensorboard is not None:
+            tensorboard.close()
+        elapsed = time.perf_counter() - started
+        summary = write_summary(out, recipe, elapsed_before + elapsed,
+                                device_before + elapsed * world)
+        log(summary_line(summary))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -2696,6 +2839,8 @@ def run_parser():
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe")
     p.add_argument("--resume", help="'auto': continue the --output folder's run where it "
                    "stopped, or start it if it has no checkpoint yet; or a checkpoint path")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write metrics.jsonl's numbers "
+                   "as TensorBoard scalars to DIR (needs the tensorboard package)")
     p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
                    help="unreadable training images: skip them (each reported once, counted "
                    "per epoch in metrics.jsonl) or stop with an error")

@@ -1,33 +1,48 @@
-"""Evaluate a checkpoint on an ImageFolder: top-1 / top-5 as one JSON line.
+"""Evaluate checkpoints on an ImageFolder: one JSON line per (checkpoint, test size) on stdout,
+and a Markdown table of them on stderr.
 
     python eval.py --checkpoint runs/a3-resnet50-.../best.pth --data /imagenet/val
+    python eval.py --checkpoint runs/a3-*/best.pth --data /imagenet --eval-size 160 192 224 256
+    python eval.py --checkpoint best.pth --data /imagenet --real-labels real.json
+    python eval.py --checkpoint best.pth --data imagenetv2-matched-frequency-format-val
     python eval.py --checkpoint resnet50_tv.pth --data /imagenet/val --eval-size 224 \
-        --crop-pct 0.875 --interpolation bilinear
+        --crop-pct 0.875 --interpolation bilinear > tv.jsonl
 
-Loads our checkpoints (their recipe gives the eval size, resize and interpolation) and plain
-torchvision / timm ResNet state dicts (the architecture is read off the keys). `--data` is a
-folder of class folders, or a folder holding val/. Runs under torchrun as well.
+Loads our checkpoints (their recipe gives the eval size, crop ratio and interpolation; the EMA
+weights where the run kept an EMA) and plain torchvision / timm ResNet state dicts (the
+architecture is read off the keys). `--data` is a folder of class folders, or a folder holding
+val/. Class folders named 0..999 are ImageNet-V2's layout: folder k holds class index k.
+Each image is decoded once per test size, whatever the number of checkpoints. Runs on a CPU,
+one GPU, or under torchrun (every image counted once).
 """
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 import common
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, nargs="+")
     p.add_argument("--data", required=True, help="class folders, or a folder holding val/")
     p.add_argument("--model", help="architecture; default: the checkpoint's")
-    p.add_argument("--eval-size", type=int, help="center crop side (default: recipe's or 224)")
-    p.add_argument("--crop-pct", type=float, help="resize = floor(eval_size / crop_pct)")
-    p.add_argument("--eval-resize", type=int, help="short side before the crop")
+    p.add_argument("--eval-size", type=int, nargs="+",
+                   help="center crop side(s) (default: the recipe's, or 224)")
+    p.add_argument("--crop-pct", type=float, help="resize = floor(eval_size / crop_pct) "
+                   "(default: the recipe's ratio, or 0.875)")
+    p.add_argument("--eval-resize", type=int, nargs="+",
+                   help="short side before the crop, one per --eval-size")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic"))
+    p.add_argument("--real-labels", help="ImageNet-ReaL's real.json: label sets in sorted "
+                   "val-file order; adds ReaL top-1")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--workers", type=int, default=common.default_workers())
     p.add_argument("--device", default="auto")
@@ -37,14 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                    help="which weights of one of our checkpoints: auto = the EMA's where the "
                         "run kept an EMA (the recipes' published numbers are EMA numbers)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_resize and len(args.eval_resize) != len(args.eval_size or [None]):
+        p.error("--eval-resize needs one value per --eval-size")
+    return args
 
 
-def run(args):
-    ckpt = common.load_checkpoint(args.checkpoint)
+def load_model(path, args):
+    """(model, name, which weights, recipe, classes) of one checkpoint."""
+    ckpt = common.load_checkpoint(path)
     ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
     if args.weights == "ema" and not ema:
-        raise common.UserError(f"checkpoint {args.checkpoint} holds no EMA weights")
+        raise common.UserError(f"checkpoint {path} holds no EMA weights")
     use_ema = bool(ema) and args.weights != "model"
     weights = ema["module"] if use_ema else common.state_dict_of(ckpt)
     recipe = ckpt.get("recipe", {}) if isinstance(ckpt, dict) else {}
@@ -53,46 +72,155 @@ def run(args):
     fc = weights.get("fc.weight", weights.get("module.fc.weight"))
     num_classes = fc.shape[0] if fc is not None else 1000
     model = common.create_model(name, num_classes, zero_init_last=False)
-    common.load_weights(model, weights, f"checkpoint {args.checkpoint}")
+    common.load_weights(model, weights, f"checkpoint {path}")
+    return model, name, "ema" if use_ema else "model", recipe, ckpt.get("classes")
 
-    size = args.eval_size or recipe.get("eval_size", 224)
-    if args.eval_resize:
-        resize = args.eval_resize
-    elif args.crop_pct:
-        resize = math.floor(size / args.crop_pct)
-    elif recipe.get("eval_resize") and not args.eval_size:
-        resize = recipe["eval_resize"]
-    else:
-        resize = math.floor(size / 0.875)  # the usual 256 -> 224
+
+def transforms_for(recipe, args):
+    """[(size, resize, interpolation)] to test one checkpoint at: the given sizes, with the
+    given resize or crop ratio, else the recipe's, else 224 / 0.875 (256 -> 224)."""
     interpolation = args.interpolation or recipe.get("interpolation", "bilinear")
+    if not args.eval_size:
+        size = recipe.get("eval_size", 224)
+        if args.eval_resize:
+            resize = args.eval_resize[0]
+        elif args.crop_pct:
+            resize = math.floor(size / args.crop_pct)
+        else:
+            resize = recipe.get("eval_resize") or math.floor(size / 0.875)
+        return [(size, resize, interpolation)]
+    crop_pct = args.crop_pct or recipe.get("crop_pct") or 0.875
+    resizes = args.eval_resize or [math.floor(size / crop_pct) for size in args.eval_size]
+    return [(size, resize, interpolation) for size, resize in zip(args.eval_size, resizes)]
 
+
+def number_classes(dataset):
+    """Numbered class folders (ImageNet-V2: folder k holds class k) take their number as the
+    target; named ones (ImageNet's wnids) keep their sorted position. True if numbered."""
+    numeric = [c.isdigit() for c in dataset.classes]
+    if any(numeric) and not all(numeric):
+        raise common.UserError(f"{dataset.root} mixes numbered and named class folders")
+    if all(numeric):
+        index = [int(c) for c in dataset.classes]
+        dataset.samples = [(p, index[t]) for p, t in dataset.samples]
+    return all(numeric)
+
+
+def check_classes(dataset, numbered, classes, num_classes):
+    """The folder's classes must be the model's: numbered ones within its range, named ones
+    the checkpoint's (when it lists them) in the same order."""
+    if numbered:
+        top = max(int(c) for c in dataset.classes)
+        if top >= num_classes:
+            raise common.UserError(f"{dataset.root} has class folder {top}, the model only "
+                                   f"{num_classes} classes (0..{num_classes - 1})")
+        return
+    if len(dataset.classes) > num_classes:
+        raise common.UserError(f"{dataset.root} has {len(dataset.classes)} classes, the model "
+                               f"only {num_classes}")
+    if classes and classes[:len(dataset.classes)] != dataset.classes:
+        raise common.UserError(f"the class folders of {dataset.root} are not the ones the "
+                               "checkpoint was trained on")
+
+
+def real_labels(path, dataset):
+    """ReaL's label sets, one per sample of `dataset` (real.json lists them in the order of the
+    sorted val file names)."""
+    labels = json.loads(Path(path).read_text())
+    if len(labels) != len(dataset):
+        raise common.UserError(f"{path} has {len(labels)} label sets, {dataset.root} "
+                               f"{len(dataset)} images")
+    names = sorted(range(len(dataset)), key=lambda i: os.path.basename(dataset.samples[i][0]))
+    by_sample = [None] * len(dataset)
+    for position, i in enumerate(names):
+        by_sample[i] = labels[position]
+    return by_sample
+
+
+@torch.no_grad()
+def score(models, loader, indices, device, amp, world, real=None):
+    """Sums per model: loss, top-1, top-5, images, and ReaL (correct, images with labels);
+    each rank sees its shard `indices` in order, all ranks' sums are added."""
+    sums = torch.zeros(len(models), 6, dtype=torch.float64, device=device)
+    seen = 0
+    for images, target in common.to_device(loader, device):
+        batch = indices[seen:seen + len(target)]
+        seen += len(target)
+        for k, model in enumerate(models):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(images).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums[k, 0] += F.cross_entropy(logits, target, reduction="sum")
+            sums[k, 1] += (top[:, 0] == target).sum()
+            sums[k, 2] += (top == target[:, None]).any(dim=1).sum()
+            sums[k, 3] += target.numel()
+            if real is not None:
+                pred = top[:, 0].tolist()
+                sets = [real[i] for i in batch]
+                sums[k, 4] += sum(p in s for p, s in zip(pred, sets) if s)
+                sums[k, 5] += sum(1 for s in sets if s)
+    if world > 1:
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
+def run(args):
+    device, rank, world = common.setup_device(args.device)
     data = Path(args.data)
     if (data / "val").is_dir():
         data = data / "val"
-    dataset = common.ImageFolder(data, common.EvalTransform(size, resize, interpolation))
-    if len(dataset.classes) > num_classes:
-        raise common.UserError(f"{data} has {len(dataset.classes)} classes, the model only "
-                               f"{num_classes}")
-    if "classes" in ckpt and ckpt["classes"] != dataset.classes[:len(ckpt["classes"])]:
-        raise common.UserError(f"the class folders of {data} are not the ones the checkpoint "
-                               "was trained on")
-
-    device, rank, world = common.setup_device(args.device)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    loader = common.make_loader(dataset, args.batch_size, args.workers, device,
-                                list(range(rank, len(dataset), world)), False)
+    loaded = [(path, *load_model(path, args)) for path in args.checkpoint]
     amp = common.amp_dtype_for(device, dict(amp=True), args.amp_dtype)
-    metrics = common.evaluate(model, loader, device, amp, world)
-    result = dict(checkpoint=str(args.checkpoint), model=name, data=str(data),
-                  weights="ema" if use_ema else "model",
-                  eval_size=size, eval_resize=resize, interpolation=interpolation,
-                  top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
-                  loss=round(metrics["loss"], 5), images=metrics["images"])
+    # one pass over the data per transform, every checkpoint that uses it on each batch
+    passes = {}
+    for entry in loaded:
+        for transform in transforms_for(entry[4], args):
+            passes.setdefault(transform, []).append(entry)
+    results = []
+    for (size, resize, interpolation), entries in passes.items():
+        dataset = common.ImageFolder(data, common.EvalTransform(size, resize, interpolation))
+        numbered = number_classes(dataset)
+        for path, model, name, weights, recipe, classes in entries:
+            check_classes(dataset, numbered, classes, model.fc.out_features)
+        real = real_labels(args.real_labels, dataset) if args.real_labels else None
+        models = []
+        for path, model, *_ in entries:
+            model.to(device).eval()
+            if device.type == "cuda":
+                model.to(memory_format=torch.channels_last)
+            models.append(model)
+        indices = list(range(rank, len(dataset), world))
+        loader = common.make_loader(dataset, args.batch_size, args.workers, device, indices,
+                                    False)
+        sums = score(models, loader, indices, device, amp, world, real)
+        for (path, model, name, weights, *_), (loss, top1, top5, n, real_ok, real_n) in zip(
+                entries, sums):
+            n = max(n, 1)
+            result = dict(checkpoint=str(path), model=name, data=str(data), weights=weights,
+                          eval_size=size, eval_resize=resize, interpolation=interpolation,
+                          top1=round(100 * top1 / n, 3), top5=round(100 * top5 / n, 3),
+                          loss=round(loss / n, 5), images=int(n))
+            if real is not None:
+                result.update(real_top1=round(100 * real_ok / max(real_n, 1), 3),
+                              real_images=int(real_n))
+            results.append(result)
+            if rank == 0:
+                print(json.dumps(result), flush=True)
     if rank == 0:
-        print(json.dumps(result))
-    return result
+        print(table(results), file=sys.stderr, end="")
+    return results[0] if len(results) == 1 else results
+
+
+def table(results):
+    real = any("real_top1" in r for r in results)
+    lines = ["| checkpoint | weights | size | resize | top-1 | top-5 |" + (" ReaL |" if real
+                                                                          else ""),
+             "|---|---|---|---|---|---|" + ("---|" if real else "")]
+    for r in results:
+        lines.append(f"| {r['checkpoint']} | {r['weights']} | {r['eval_size']} | "
+                     f"{r['eval_resize']} {r['interpolation']} | {r['top1']:.2f} | "
+                     f"{r['top5']:.2f} |" + (f" {r['real_top1']:.2f} |" if real else ""))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ import json
 import torch
 
 import common
+from test_resume import TIMING
 from common import SEED_BATCH, SEED_NOISE, SEED_ORDER, TrainSampler, seed_for
 from test_train import rows, train
 
@@ -73,9 +74,9 @@ def test_loader_workers_do_not_change_the_run(tiny_data, tmp_path):
     for workers in ("0", "2"):
         res = train(tiny_data, tmp_path / workers, "--epochs", "2", "--workers", workers)
         assert res.returncode == 0, res.stderr
-    strip = [{k: v for k, v in r.items() if k not in ("train_img_s", "epoch_s")}
+    strip = [{k: v for k, v in r.items() if k not in TIMING}
              for r in rows(tmp_path / "0")]
-    assert strip == [{k: v for k, v in r.items() if k not in ("train_img_s", "epoch_s")}
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING}
                      for r in rows(tmp_path / "2")]
     w0, w2 = (torch.load(tmp_path / w / "last.pth", weights_only=True)["model"] for w in "02")
     assert all(torch.equal(w0[k], w2[k]) for k in w0)
