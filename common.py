@@ -44,6 +44,77 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback."""
 
 
+# Every recipe key, at its "off" value. A recipe script lists only what its recipe sets (and the
+# zeros its paper states); --print-recipe shows them all, resolved. "timm" / "tv" name the
+# reference implementation a choice follows.
+DEFAULTS = dict(
+    recipe=None,                # the recipe's name (a1 ... rs); every script sets it
+    model=None,                 # a key of MODELS; every script sets it
+    epochs=None,                # every script sets it
+    warmup_epochs=0,            # epochs of linear warmup
+    batch_size=None,            # the global batch the lr is for; every script sets it
+    train_size=224,             # side of the random resized crop
+    eval_size=224,              # side of the evaluation center crop
+    crop_pct=None,              # timm: resize to floor(eval_size / crop_pct) before the crop
+    eval_resize=None,           # tv: the short side before the crop (derived from crop_pct)
+    interpolation="bilinear",   # resampling of train crops and eval resize
+    opt=None,                   # lamb | rmsproptf | sgd | adamp; every script sets it
+    lr=None,                    # peak lr for batch_size; every script sets it
+    weight_decay=0.0,
+    wd_groups="timm",           # who skips decay: timm (all ndim <= 1) | tv (norm layers only)
+    momentum=None,              # SGD / RMSpropTF momentum
+    nesterov=None,              # SGD: Nesterov momentum
+    opt_eps=None,               # optimizer epsilon (None: the optimizer's own)
+    opt_betas=None,             # Adam-family betas
+    sched="cosine",             # cosine | step
+    sched_per_step=False,       # lr updated every step (tv, RS), not once an epoch (timm)
+    warmup_lr=None,             # timm: the warmup starts at this lr
+    warmup_factor=None,         # tv: the warmup starts at lr x this
+    warmup_prefix=False,        # the decay starts after the warmup (tv, RS), not at epoch 0
+    min_lr=None,                # the cosine's floor (None: 0)
+    decay_rate=None,            # step: lr x decay_rate every decay_epochs
+    decay_epochs=None,
+    lr_noise=None,              # timm: lr noise over [start, end] fractions of the epochs
+    lr_noise_pct=0.67,          # timm: noise n ~ N(0, std) redrawn until |n| < pct
+    lr_noise_std=1.0,
+    loss="ce",                  # ce | bce
+    label_smoothing=0.0,
+    bce_target_thresh=None,     # timm BCE: targets above it become 1
+    dropout=0.0,                # before the classifier
+    drop_path=0.0,              # stochastic depth, the last block's rate
+    zero_init_last=True,        # zero gamma of each block's last BN (timm; tv: False)
+    repeated_aug=0,             # repeats per image (DeiT's sampler); 0: off
+    clip=None,                  # gradient clipping {"mode": "agc" | "norm", "value": v}
+    auto_augment=None,          # timm's "rand-..." RandAugment, or "ta_wide" (tv)
+    mixup=0.0,                  # Mixup alpha; 0: off
+    cutmix=0.0,                 # CutMix alpha; 0: off
+    mixup_style="timm",         # timm (flipped partner, erase after mixing) | tv (rolled, before)
+    reprob=0.0,                 # random erasing probability; 0: off
+    recount=1,                  # erased boxes per image, 1 to recount (timm max_count)
+    remode="pixel",             # pixel (timm: normal noise) | const (tv's RandomErasing: zeros)
+    ema_decay=None,             # EMA of the weights; None: off
+    ema_every=1,                # an EMA update every n optimizer steps
+    ema_style="timm",           # timm (fixed decay) | tv (adjusted decay, warmup copies) | tf
+    amp=False,                  # mixed precision on CUDA
+    paper_top1=None,            # the published top-1 and where it is published
+    top1_source=None,
+)
+REQUIRED = ("recipe", "model", "epochs", "batch_size", "opt", "lr")
+
+
+def full_recipe(recipe):
+    """DEFAULTS updated with a script's recipe: every key, in DEFAULTS' order."""
+    unknown = [k for k in recipe if k not in DEFAULTS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(DEFAULTS), n=1)
+        raise UserError(f"unknown recipe key {unknown[0]!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    missing = [k for k in REQUIRED if recipe.get(k) is None]
+    if missing:
+        raise UserError(f"the recipe sets no {', '.join(missing)}")
+    return {**DEFAULTS, **recipe}
+
+
 # Every random stream of a run is seeded from (seed, stream, ...) through NumPy's SeedSequence,
 # never seed + epoch: with that, --seed 1 replays the data orders of --seed 0 one epoch late
 # (issue 15). The streams, by what they shape:
@@ -2874,12 +2945,15 @@ def parse_args(recipe, argv, demo=None, variants=None, by_model=None):
     `by_model` maps model names to the values that come with them (ResNet-RS Table 8), applied
     before the command line so that an explicit flag still wins."""
     parser = run_parser()
+    recipe = full_recipe(recipe)
+    variants = {name: full_recipe(v) for name, v in (variants or {}).items()}
     if variants:
         parser.add_argument("--variant", choices=list(variants),
                             help=f"recipe variant (default {recipe['recipe']})")
     args, rest = parser.parse_known_args(argv)
     if variants and args.variant:
         recipe = variants[args.variant]
+    as_written = resolve(recipe)
     overrides = {}
     keys = {k.replace("_", "-"): k for k in recipe}
     if args.help:
@@ -2915,7 +2989,10 @@ def parse_args(recipe, argv, demo=None, variants=None, by_model=None):
         args.lr_note = (f"--batch-size {overrides['batch_size']} (recipe: "
                         f"{recipe['batch_size']}): lr {recipe['lr']:g} -> {overrides['lr']:g}"
                         " (linear scaling)")
-    return args, resolve(dict(recipe, **overrides))
+    recipe = resolve(dict(recipe, **overrides))
+    # what differs from the script (--demo, a Table 8 row, the command line), for the start line
+    args.changed = [(k, as_written[k], v) for k, v in recipe.items() if v != as_written[k]]
+    return args, recipe
 
 
 def main(recipe, demo=None, argv=None, variants=None, by_model=None):
@@ -2940,7 +3017,11 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
             args.output = (f"runs/{recipe['recipe']}-{recipe['model']}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
         if int(os.environ.get("RANK", 0)) == 0:
-            print(json.dumps(recipe))
+            changes = ", ".join(f"{k} {json.dumps(new)} (script: {json.dumps(old)})"
+                                for k, old, new in args.changed)
+            print(f"recipe {recipe['recipe']} ({Path(sys.argv[0]).name}) "
+                  + (f"with {changes}" if changes else "as written")
+                  + f"; every key in {Path(args.output) / 'recipe.json'}")
             if args.lr_note:
                 print(args.lr_note)
         return train(recipe, args)
@@ -2979,7 +3060,7 @@ def script_recipes(root=None):
         spec.loader.exec_module(module)
         for value in vars(module).values():
             if isinstance(value, dict) and "recipe" in value and "paper_top1" in value:
-                out.append((script, resolve(value)))
+                out.append((script, resolve(full_recipe(value))))
     return sorted(out, key=lambda sr: sr[1]["recipe"])
 
 

@@ -151,7 +151,8 @@ def timm_command(reference, recipe, data, seed, workers, out, cuda):
     amp = ["--amp", "--amp-dtype", "bfloat16"] if cuda and recipe["amp"] else []
     classes = sum(1 for d in (Path(data) / "train").iterdir() if d.is_dir())
     return [sys.executable, str(reference), "--data-dir", data, "--train-split", "train",
-            "--val-split", "val", "--num-classes", str(classes), "--no-prefetcher", "--seed", str(seed), "-j", str(workers),
+            "--val-split", "val", "--num-classes", str(classes), "--no-prefetcher",
+            "--seed", str(seed), "-j", str(workers),
             "--output", str(out.parent), "--experiment", out.name, "--log-interval", "100000",
             "--checkpoint-hist", "1", "--device", "cuda" if cuda else "cpu", *amp,
             *timm_args(recipe)]
@@ -237,7 +238,8 @@ def describe(values):
 
 def report(name, results):
     ours, ref = results["ours"], results["reference"]
-    lines = [f"{name}: {len(ours)} seeds a side (ours {', '.join(str(s) for s in results['seeds'])})",
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    lines = [f"{name}: {len(ours)} seeds a side (seeds {seeds}, the same numbers on both sides)",
              "| | final top-1 | best top-1 | wall time |", "|---|---|---|---|"]
     for side, runs in (("ours", ours), ("reference", ref)):
         lines.append(f"| {side} | {describe([r['final'] for r in runs])} | "

@@ -6,8 +6,9 @@ Published: ResNet-50, 79.8% top-1 on ImageNet-1k val (85.4 ReaL, 67.9 V2), RSB T
     torchrun --nproc_per_node=4 train_a2.py --data /imagenet
     python train_a2.py --demo          # a few minutes on a CPU, generated data
 
-Any key below can be overridden: `--lr 4e-3 --epochs 12`. "RSB T2" = Table 2 of the paper,
-"timm" = the reference code the published number came from.
+Any key can be overridden: `--lr 4e-3 --epochs 12`. The recipe below lists what it sets; every
+other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T2" = Table 2 of the
+paper, "timm" = the reference code the published number came from.
 """
 from common import main
 
@@ -20,45 +21,27 @@ RECIPE = dict(
     train_size=224,                       # RSB T2: train and test at 224 px
     eval_size=224,                        # RSB T2
     crop_pct=0.95,                        # RSB T2 test crop ratio
-    eval_resize=None,                     # derived as timm: floor(224 / 0.95) = 235
     interpolation="bicubic",              # timm RSB runs: bicubic train and eval
     opt="lamb",                           # RSB T2
     lr=5e-3,                              # RSB T2
     weight_decay=0.02,                    # RSB T2
-    wd_groups="timm",                     # timm: no decay on biases and BN (ndim <= 1)
-    momentum=None,                        # LAMB has none
-    nesterov=None,
     opt_eps=1e-6,                         # timm Lamb default
     opt_betas=[0.9, 0.999],               # timm Lamb default
     sched="cosine",                       # RSB T2
-    sched_per_step=False,                 # timm steps the cosine once per epoch
     warmup_lr=1e-4,                       # timm train.py --warmup-lr
-    warmup_factor=None,                   # (tv's way: warmup from a factor of lr)
-    warmup_prefix=False,                  # timm: the cosine counts from epoch 0, warmup included
     min_lr=1e-6,                          # timm train.py --min-lr
-    decay_rate=None,
-    decay_epochs=None,
-    lr_noise=None,
-    lr_noise_pct=0.67,                    # timm defaults, used only with lr_noise
-    lr_noise_std=1.0,
     loss="bce",                           # RSB T2: BCE instead of CE
     label_smoothing=0.0,                  # RSB T2
     bce_target_thresh=0.2,                # timm --bce-target-thresh 0.2: binarised targets
     dropout=0.0,                          # RSB T2
     drop_path=0.05,                       # RSB T2
-    zero_init_last=True,                  # timm: zero gamma of each block's last BN
     repeated_aug=3,                       # RSB T2: 3 repeats (timm --aug-repeats 3)
     clip=None,                            # RSB T2; LAMB itself clips to global norm 1 (timm)
     auto_augment="rand-m7-mstd0.5-inc1",  # RSB T2: RandAugment 7 / 0.5
     mixup=0.1,                            # RSB T2
     cutmix=1.0,                           # RSB T2
-    mixup_style="timm",                   # timm: partner = batch flipped, one of the two per batch
     reprob=0.0,                           # RSB T2: no random erasing
-    recount=1,
-    remode="pixel",
     ema_decay=None,                       # RSB T2: no EMA
-    ema_every=1,
-    ema_style="timm",                     # timm ModelEmaV3: fixed decay, no warmup
     amp=True,                             # RSB T2: mixed precision
     paper_top1=79.8,                      # RSB Table 1
     top1_source="RSB Table 1",

@@ -6,8 +6,10 @@ Published: ResNet-50, 79.4% top-1 on ImageNet-1k val (EMA weights), RSB Table 10
     torchrun --nproc_per_node=8 train_b.py --data /imagenet
     python train_b.py --demo           # a few minutes on a CPU, generated data
 
-Any key below can be overridden: `--lr 0.09 --epochs 12`. "RSB T10" = Table 10 of the paper,
-"timm" = the reference code (train.py, optim/rmsprop_tf.py) the published number came from.
+Any key can be overridden: `--lr 0.09 --epochs 12`. The recipe below lists what it sets; every
+other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
+the paper, "timm" = the reference code (train.py, optim/rmsprop_tf.py) the published number came
+from.
 """
 from common import main
 
@@ -20,45 +22,29 @@ RECIPE = dict(
     train_size=224,                       # RSB T10
     eval_size=224,                        # RSB T10
     crop_pct=0.95,                        # RSB's test crop ratio for its timm recipes (Table 1)
-    eval_resize=None,                     # derived as timm: floor(224 / 0.95) = 235
     interpolation="bicubic",              # timm RSB runs: bicubic train and eval
     opt="rmsproptf",                      # RSB T10; timm's TF-style RMSprop, not torch's
     lr=0.18,                              # RSB T10 (0.0225 per 256, T11)
     weight_decay=7e-6,                    # RSB T10; L2 added to the gradient (timm RMSpropTF)
-    wd_groups="timm",                     # timm: no decay on biases and BN (ndim <= 1)
     momentum=0.9,                         # timm train.py --momentum
-    nesterov=None,                        # RMSprop has none
     opt_eps=1e-3,                         # timm --opt-eps .001 as EfficientNet (inside the sqrt)
-    opt_betas=None,
     sched="step",                         # RSB T10
-    sched_per_step=False,                 # timm steps once per epoch
     warmup_lr=1e-4,                       # timm train.py --warmup-lr, as A1-A3
-    warmup_factor=None,
-    warmup_prefix=False,                  # timm: decay counts from epoch 0, warmup included
-    min_lr=None,                          # a step schedule has no floor
     decay_rate=0.988,                     # RSB T10: 0.988 per epoch
     decay_epochs=1,                       # RSB T10
     lr_noise=[0.45, 1.0],                 # RSB T10: noise from 45% to 100% of training
-    lr_noise_pct=0.67,                    # timm defaults: n ~ N(0, 1) resampled until |n| < 0.67
-    lr_noise_std=1.0,
     loss="ce",                            # RSB T10
     label_smoothing=0.1,                  # RSB T10
-    bce_target_thresh=None,
     dropout=0.2,                          # RSB T10: before the classifier
     drop_path=0.1,                        # RSB T10
-    zero_init_last=True,                  # timm: zero gamma of each block's last BN
     repeated_aug=0,                       # RSB T10
     clip=None,                            # RSB T10
     auto_augment="rand-m8-n2-mstd1.0",    # RSB T10: M 8, N 2, MSTD 1.0, timm's default op set
     mixup=0.2,                            # RSB T10
     cutmix=0.0,                           # RSB T10: none
-    mixup_style="timm",                   # timm: partner = batch flipped
     reprob=0.35,                          # RSB T10
     recount=3,                            # RSB T10 (T11 says 1; T10 is the ResNet-50 run)
-    remode="pixel",                       # timm: per-pixel normal noise
     ema_decay=0.9999,                     # RSB T10; the EMA weights give the number
-    ema_every=1,                          # timm: every optimizer step
-    ema_style="timm",                     # timm ModelEmaV3: fixed decay, no warmup
     amp=True,                             # timm --amp
     paper_top1=79.4,                      # RSB Table 10
     top1_source="RSB Table 10",

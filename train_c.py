@@ -8,8 +8,9 @@ C2 (repeated augmentation, AGC 0.05) is the default; `--variant c1` trains C1.
     torchrun --nproc_per_node=8 train_c.py --data /imagenet --variant c1
     python train_c.py --demo           # a few minutes on a CPU, generated data
 
-Any key below can be overridden: `--lr 0.44 --epochs 12`. "RSB T10" = Table 10 of the paper,
-"timm" = the reference code (train.py, utils/agc.py) the published number came from.
+Any key can be overridden: `--lr 0.44 --epochs 12`. The recipe below lists what it sets; every
+other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
+the paper, "timm" = the reference code (train.py, utils/agc.py) the published number came from.
 """
 from common import main
 
@@ -22,45 +23,27 @@ C2 = dict(
     train_size=224,                       # RSB T10
     eval_size=224,                        # RSB T10
     crop_pct=0.95,                        # RSB's test crop ratio for its timm recipes (Table 1)
-    eval_resize=None,                     # derived as timm: floor(224 / 0.95) = 235
     interpolation="bicubic",              # timm RSB runs: bicubic train and eval
     opt="sgd",                            # RSB T10
     lr=0.88,                              # RSB T10 (0.11 per 256, T12)
     weight_decay=1e-5,                    # RSB T10
-    wd_groups="timm",                     # timm: no decay on biases and BN (ndim <= 1)
     momentum=0.9,                         # timm train.py --momentum
     nesterov=True,                        # RSB T10; timm's "sgd" is Nesterov SGD
-    opt_eps=None,
-    opt_betas=None,
     sched="cosine",                       # RSB T10
-    sched_per_step=False,                 # timm steps the cosine once per epoch
     warmup_lr=1e-4,                       # timm train.py --warmup-lr, as A1-A3
-    warmup_factor=None,
-    warmup_prefix=False,                  # timm: the cosine counts from epoch 0, warmup included
     min_lr=1e-6,                          # timm train.py --min-lr, as A1-A3
-    decay_rate=None,
-    decay_epochs=None,
-    lr_noise=None,
-    lr_noise_pct=0.67,
-    lr_noise_std=1.0,
     loss="ce",                            # RSB T10
     label_smoothing=0.1,                  # RSB T10
-    bce_target_thresh=None,
     dropout=0.25,                         # RSB T10: before the classifier
     drop_path=0.1,                        # RSB T10
-    zero_init_last=True,                  # timm: zero gamma of each block's last BN
     repeated_aug=3,                       # RSB T10: C2 has repeated augmentation (timm: 3)
     clip=dict(mode="agc", value=0.05),    # RSB T10: AGC 0.05, after AMP unscale, not on the fc
     auto_augment="rand-m7-n3-mstd1.0",    # RSB T10: M 7, N 3, MSTD 1.0, timm's default op set
     mixup=0.2,                            # RSB T10
     cutmix=1.0,                           # RSB T10
-    mixup_style="timm",                   # timm: partner = batch flipped, one of the two per batch
     reprob=0.4,                           # RSB T10
     recount=1,                            # RSB T10
-    remode="pixel",                       # timm: per-pixel normal noise
     ema_decay=None,                       # RSB T10: no EMA
-    ema_every=1,
-    ema_style="timm",                     # timm ModelEmaV3: fixed decay, no warmup
     amp=True,                             # timm --amp
     paper_top1=80.0,                      # RSB Table 10
     top1_source="RSB Table 10",

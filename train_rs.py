@@ -8,8 +8,9 @@ Table 8 row (TABLE8 below; any of them can still be overridden).
     torchrun --nproc_per_node=8 train_rs.py --data /imagenet --model resnetrs101
     python train_rs.py --demo          # a few minutes on a CPU, generated data
 
-"RS T8" = Table 8 of the paper. The paper's code is TensorFlow on TPUs; where it is silent
-we say what we chose.
+Any key can be overridden (`--epochs 100`); the recipe below lists what it sets, every other key
+is at its off value (common.DEFAULTS, shown by --print-recipe). "RS T8" = Table 8 of the paper.
+The paper's code is TensorFlow on TPUs; where it is silent we say what we chose.
 """
 from common import main
 
@@ -22,45 +23,25 @@ RECIPE = dict(
     train_size=160,                       # RS T8, per model
     eval_size=160,                        # RS: evaluated at the training resolution
     crop_pct=0.875,                       # RS eval: center crop of 0.875
-    eval_resize=None,                     # derived: floor(160 / 0.875) = 182
     interpolation="bicubic",              # TPU ResNet preprocessing resizes bicubic
     opt="sgd",                            # RS §4: Momentum, not RMSProp
     lr=1.6,                               # RS T8: 0.1 x batch / 256
     weight_decay=4e-5,                    # RS T8
-    wd_groups="timm",                     # no decay on BN and biases
     momentum=0.9,                         # RS §4
     nesterov=False,                       # TF MomentumOptimizer default
-    opt_eps=None,
-    opt_betas=None,
     sched="cosine",                       # RS T8: cosine to 0 ...
     sched_per_step=True,                  # ... per step, as TF schedules
     warmup_lr=0.0,                        # RS T8: warmed up from 0 ...
-    warmup_factor=None,
     warmup_prefix=True,                   # ... then the cosine spans the remaining epochs
     min_lr=0.0,                           # RS T8: decayed to 0
-    decay_rate=None,
-    decay_epochs=None,
-    lr_noise=None,
-    lr_noise_pct=0.67,
-    lr_noise_std=1.0,
-    loss="ce",
     label_smoothing=0.1,                  # RS T8
-    bce_target_thresh=None,
     dropout=0.25,                         # RS T8, per model: after the global pool
     drop_path=0.0,                        # RS T8, per model
     zero_init_last=True,                  # RS §4: zero-init of the last BN of each block
-    repeated_aug=0,
-    clip=None,
     auto_augment="rand-m10-n2",           # RS T8: 2 layers, magnitude 10 (per model); ops of
                                           # timm's RandAugment, not the TF op set
     mixup=0.0,                            # RS uses none
-    cutmix=0.0,
-    mixup_style="timm",
-    reprob=0.0,
-    recount=1,
-    remode="pixel",
     ema_decay=0.9999,                     # RS T8: weights and BN statistics
-    ema_every=1,
     ema_style="tf",                       # TF ExponentialMovingAverage(num_updates=step):
                                           # decay min(0.9999, (1 + n) / (10 + n))
     amp=True,                             # RS: bfloat16 on TPUs

@@ -6,8 +6,10 @@ Published: ResNet-50, 80.858% top-1 on ImageNet-1k val with the EMA weights (the
     torchrun --nproc_per_node=8 train_tv.py --data /imagenet
     python train_tv.py --demo          # a few minutes on a CPU, generated data
 
-Any key below can be overridden: `--lr 0.25 --epochs 12`. "blog" = the post above, "tv" =
-torchvision's references/classification (train.py, presets.py, utils.py), the code of the number.
+Any key can be overridden: `--lr 0.25 --epochs 12`. The recipe below lists what it sets; every
+other key is at its off value (common.DEFAULTS, shown by --print-recipe). "blog" = the post above,
+"tv" = torchvision's references/classification (train.py, presets.py, utils.py), the code of the
+number.
 """
 from common import main
 
@@ -19,42 +21,26 @@ RECIPE = dict(
     batch_size=1024,                      # blog: 8 GPUs x 128; global, lr is for this batch
     train_size=176,                       # blog: --train-crop-size 176 (FixRes effect)
     eval_size=224,                        # blog: --val-crop-size 224
-    crop_pct=None,                        # derived: 224 / 232
     eval_resize=232,                      # blog: --val-resize-size 232
-    interpolation="bilinear",             # tv default
+    interpolation="bilinear",             # tv default (the recipe keeps it)
     opt="sgd",                            # blog
     lr=0.5,                               # blog
     weight_decay=2e-5,                    # blog
     wd_groups="tv",                       # blog --norm-weight-decay 0: BN exempt, biases decayed
     momentum=0.9,                         # tv default
     nesterov=False,                       # tv: plain momentum (the blog found Nesterov no better)
-    opt_eps=None,
-    opt_betas=None,
     sched="cosine",                       # blog: --lr-scheduler cosineannealinglr
-    sched_per_step=False,                 # tv steps the scheduler once per epoch
-    warmup_lr=None,                       # tv warms up from a factor of lr, not an absolute lr
     warmup_factor=0.01,                   # tv --lr-warmup-decay 0.01 (LinearLR start_factor)
     warmup_prefix=True,                   # tv: CosineAnnealingLR(T_max=epochs - 5) after warmup
-    min_lr=None,                          # tv --lr-min 0
-    decay_rate=None,
-    decay_epochs=None,
-    lr_noise=None,
-    lr_noise_pct=0.67,
-    lr_noise_std=1.0,
     loss="ce",                            # blog
     label_smoothing=0.1,                  # blog
-    bce_target_thresh=None,
-    dropout=0.0,
-    drop_path=0.0,
     zero_init_last=False,                 # tv's resnet50 keeps zero_init_residual=False
     repeated_aug=4,                       # blog: --ra-sampler --ra-reps 4
-    clip=None,                            # tv: --clip-grad-norm not set
     auto_augment="ta_wide",               # blog: TrivialAugmentWide
     mixup=0.2,                            # blog
     cutmix=1.0,                           # blog
     mixup_style="tv",                     # tv: partner = batch rolled by one, tv's CutMix box
     reprob=0.1,                           # blog: --random-erase 0.1
-    recount=1,                            # tv RandomErasing: one box
     remode="const",                       # tv RandomErasing(value=0): the mean after Normalize
     ema_decay=0.99998,                    # blog: --model-ema-decay, before tv's adjustment
     ema_every=32,                         # blog: --model-ema-steps 32

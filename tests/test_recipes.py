@@ -100,12 +100,34 @@ def test_print_recipe_matches_recipes_md(argv):
     assert {k: recipe[k] for k in want} == want
 
 
-def test_every_script_has_the_same_keys_in_the_same_order():
+def test_scripts_use_known_keys_and_resolve_to_every_key_in_one_order():
+    """A script lists only what its recipe sets; DEFAULTS fills the rest, in one order."""
     recipes = common.script_recipes(ROOT)
     assert len(recipes) == 9
-    first = list(recipes[0][1])
     for script, r in recipes:
-        assert list(r) == first, script
+        assert list(r) == list(common.DEFAULTS), script
+    with pytest.raises(common.UserError, match="unknown recipe key 'mixupp'; did you mean "
+                                                "'mixup'"):
+        common.full_recipe(dict(recipe="x", model="resnet18", epochs=1, batch_size=8,
+                                opt="sgd", lr=0.1, mixupp=0.2))
+    with pytest.raises(common.UserError, match="the recipe sets no lr"):
+        common.full_recipe(dict(recipe="x", model="resnet18", epochs=1, batch_size=8,
+                                opt="sgd"))
+
+
+def test_start_line_says_what_differs_from_the_script(tiny_data, tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "train_a3.py"), "--data", str(tiny_data),
+                          "--output", str(tmp_path / "run"), "--model", "resnet18",
+                          "--train-size", "32", "--eval-size", "32", "--batch-size", "16",
+                          "--lr", "8e-3", "--epochs", "1", "--workers", "0", "--quiet",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == (
+        'recipe a3 (train_a3.py) with model "resnet18" (script: "resnet50"), epochs 1 (script: '
+        '100), batch_size 16 (script: 2048), train_size 32 (script: 160), eval_size 32 '
+        f'(script: 224), eval_resize 33 (script: 235); every key in {tmp_path / "run"}'
+        '/recipe.json')
 
 
 def test_readme_recipe_table_is_generated_from_the_scripts():
