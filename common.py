@@ -27,6 +27,7 @@ import threading
 import time
 from copy import deepcopy
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -2437,335 +2438,396 @@ def summary_line(s):
 
 
 def train(recipe, args):
-    started = time.perf_counter()
+    """One run, top to bottom; `run` carries its parts from one step to the next."""
+    run = SimpleNamespace(args=args, started=time.perf_counter(), out=Path(args.output))
     if not Path(args.data).is_dir():
         raise UserError(f"data folder {args.data} does not exist")
-    device, rank, world = setup_device(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    run.device, run.rank, run.world = setup_device(args.device)
+    run.log = print if run.rank == 0 else (lambda *a, **k: None)
+    plan_batch(run, recipe)   # per-device batch, accumulation; lr scaled to the global batch
+    make_data(run)            # datasets, samplers, loaders, steps an epoch
+    make_model(run)           # model, optimizer, grad scaler, precision, memory format
+    resume(run)               # where to start: --resume's checkpoint, or the beginning
+    open_run_folder(run)      # recipe.json, provenance.json, metrics.jsonl up to the start
+    wrap_model(run)           # DDP, the EMA (after DDP's broadcast), torch.compile
+    with StopRequest() as run.stop:
+        for epoch in range(run.start_epoch, run.recipe["epochs"]):
+            first = run.start_step if epoch == run.start_epoch else 0
+            sums = train_epoch(run, epoch, first)
+            end_epoch(run, epoch, first, sums)
+    finish(run)
+    return run.best
 
-    per_device, accum, effective = batch_plan(recipe["batch_size"], world, args.device_batch,
-                                              args.accum_steps)
+
+def plan_batch(run, recipe):
+    per_device, accum, effective = batch_plan(recipe["batch_size"], run.world,
+                                              run.args.device_batch, run.args.accum_steps)
     if effective != recipe["batch_size"]:
         scaled = recipe["lr"] * effective / recipe["batch_size"]
-        log(f"global batch {effective} ({world} x {per_device} x {accum} accumulation) differs "
-            f"from the recipe's {recipe['batch_size']}: lr {recipe['lr']:g} -> {scaled:g} "
-            "(linear scaling)")
+        run.log(f"global batch {effective} ({run.world} x {per_device} x {accum} accumulation) "
+                f"differs from the recipe's {recipe['batch_size']}: lr {recipe['lr']:g} -> "
+                f"{scaled:g} (linear scaling)")
         recipe = dict(recipe, lr=scaled, batch_size=effective)
-    log(f"{world} process(es) on {device}, {per_device} images per device x {accum} "
-        f"accumulation step(s) = global batch {effective}")
-    if args.workers:
-        log(f"{args.workers} loader worker(s) per process: at about 230-340 ResNet-50 img/s each "
-            f"(README Speed) they feed up to ~{230 * args.workers:,}-{340 * args.workers:,} "
-            "img/s per process; --workers to change")
+    run.log(f"{run.world} process(es) on {run.device}, {per_device} images per device x {accum} "
+            f"accumulation step(s) = global batch {effective}")
+    run.recipe, run.per_device, run.accum = recipe, per_device, accum
 
-    if args.device_aug and device.type != "cuda":
-        log(f"note: --device-aug on {device.type} runs the augmentation in the main process, "
-            "slower than in the workers; it is meant for GPUs")
+
+def make_data(run):
+    args, recipe, rank, world = run.args, run.recipe, run.rank, run.world
+    if args.workers:
+        run.log(f"{args.workers} loader worker(s) per process: at about 230-340 ResNet-50 img/s "
+                f"each (README Speed) they feed up to ~{230 * args.workers:,}-"
+                f"{340 * args.workers:,} img/s per process; --workers to change")
+    if args.device_aug and run.device.type != "cuda":
+        run.log(f"note: --device-aug on {run.device.type} runs the augmentation in the main "
+                "process, slower than in the workers; it is meant for GPUs")
     root = Path(args.data)
-    train_set = ImageFolder(root / "train", TrainTransform(
+    run.train_set = ImageFolder(root / "train", TrainTransform(
         recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
         fast_decode=args.fast_decode, device_aug=args.device_aug),
         skip_bad=args.bad_images == "skip")
     val_set = ImageFolder(root / "val", EvalTransform(
         recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"]))
-    if val_set.classes != train_set.classes:
+    if val_set.classes != run.train_set.classes:
         raise UserError(f"{root}/val has other class folders than {root}/train")
-    num_classes = len(train_set.classes)
     order_seed, batch_seed = seed_for(args.seed, SEED_ORDER), seed_for(args.seed, SEED_BATCH)
     if recipe["repeated_aug"]:
-        train_sampler = RepeatedAugSampler(len(train_set), recipe["repeated_aug"], world, rank,
-                                           order_seed, batch=per_device, batch_seed=batch_seed)
+        run.sampler = RepeatedAugSampler(len(run.train_set), recipe["repeated_aug"], world, rank,
+                                         order_seed, batch=run.per_device, batch_seed=batch_seed)
     else:
-        train_sampler = TrainSampler(len(train_set), per_device, accum, world, rank, order_seed,
-                                     batch_seed)
-    train_loader = make_loader(train_set, per_device, args.workers, device, train_sampler, True)
-    val_loader = make_loader(val_set, args.eval_batch or per_device, args.workers, device,
-                             list(range(rank, len(val_set), world)), False)
-    steps = len(train_loader) // accum * accum
-    if steps == 0:
-        raise UserError(f"{root}/train has {len(train_set)} images, fewer than one step of "
-                        f"{world} x {per_device} x {accum}: lower --batch-size")
+        run.sampler = TrainSampler(len(run.train_set), run.per_device, run.accum, world, rank,
+                                   order_seed, batch_seed)
+    run.train_loader = make_loader(run.train_set, run.per_device, args.workers, run.device,
+                                   run.sampler, True)
+    run.val_loader = make_loader(val_set, args.eval_batch or run.per_device, args.workers,
+                                 run.device, list(range(rank, len(val_set), world)), False)
+    run.steps = len(run.train_loader) // run.accum * run.accum
+    if run.steps == 0:
+        raise UserError(f"{root}/train has {len(run.train_set)} images, fewer than one step of "
+                        f"{world} x {run.per_device} x {run.accum}: lower --batch-size")
 
+
+def make_model(run):
+    args, recipe, device = run.args, run.recipe, run.device
     torch.manual_seed(seed_for(args.seed, SEED_MODEL))  # the same initial weights on every rank
-    model = create_model(recipe["model"], num_classes, recipe["dropout"], recipe["drop_path"],
-                         recipe["zero_init_last"])
-    model.to(device)
-    channels_last = args.channels_last if args.channels_last is not None else \
+    run.model = create_model(recipe["model"], len(run.train_set.classes), recipe["dropout"],
+                             recipe["drop_path"], recipe["zero_init_last"]).to(device)
+    run.channels_last = args.channels_last if args.channels_last is not None else \
         device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(model, recipe)
-    amp_dtype = amp_dtype_for(device, recipe, args.amp_dtype)
-    log(f"precision {amp_name(amp_dtype)}, channels_last {'on' if channels_last else 'off'}")
+    if run.channels_last:
+        run.model.to(memory_format=torch.channels_last)
+    run.optimizer = create_optimizer(run.model, recipe)
+    run.amp_dtype = amp_dtype_for(device, recipe, args.amp_dtype)
+    run.log(f"precision {amp_name(run.amp_dtype)}, channels_last "
+            f"{'on' if run.channels_last else 'off'}")
     # fp16 needs loss scaling; otherwise the scaler is disabled and each of its calls is a no-op
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    noise_seed = seed_for(args.seed, SEED_NOISE)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
+    run.noise_seed = seed_for(args.seed, SEED_NOISE)
+    if recipe["loss"] == "bce":
+        run.loss_fn = functools.partial(binary_cross_entropy, smoothing=recipe["label_smoothing"],
+                                        target_thresh=recipe["bce_target_thresh"])
+    else:
+        run.loss_fn = functools.partial(cross_entropy, smoothing=recipe["label_smoothing"])
 
-    out = Path(args.output)
-    ckpt, ckpt_path = resume_checkpoint(args.resume, out, log)
-    start_epoch, start_step, best, partial = 0, 0, -1.0, None
-    if ckpt is not None:
-        if ckpt.get("recipe", {}).get("model") not in (None, recipe["model"]):
-            raise UserError(f"checkpoint {ckpt_path} is a {ckpt['recipe']['model']}, "
-                            f"this run trains a {recipe['model']}")
-        load_weights(model, state_dict_of(ckpt), f"checkpoint {ckpt_path}")
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        # "next": (epoch, step) a mid-epoch checkpoint continues at; older ones end an epoch
-        start_epoch, start_step = ckpt.get("next", (ckpt.get("epoch", -1) + 1, 0))
-        best, partial = ckpt.get("best_top1", -1.0), ckpt.get("partial")
-        if start_step and (partial is None or ckpt.get("world") != world
-                           or ckpt.get("steps") != steps):
-            raise UserError(f"{ckpt_path} stopped inside epoch {start_epoch + 1} with "
-                            f"{ckpt.get('world')} process(es) x {ckpt.get('steps')} steps; this "
-                            f"run has {world} x {steps}: resume it with the same world size and "
-                            "batch, or from the epoch's end (prev.pth or an earlier run)")
-        log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}"
-            + (f", step {start_step + 1} of {steps}" if start_step else ""))
+
+def resume(run):
+    """The checkpoint's weights, optimizer and scaler, and where it stopped: an epoch's end, or
+    (epoch, step) inside one with every rank's running sums of that epoch."""
+    run.ckpt, path = resume_checkpoint(run.args.resume, run.out, run.log)
+    run.resumed_from, run.start_epoch, run.start_step, run.best = path, 0, 0, -1.0
+    run.partial, run.elapsed_before, run.device_s_before = None, 0.0, 0.0
+    ckpt, model_name = run.ckpt, run.recipe["model"]
+    if ckpt is None:
+        return
+    if ckpt.get("recipe", {}).get("model") not in (None, model_name):
+        raise UserError(f"checkpoint {path} is a {ckpt['recipe']['model']}, this run trains a "
+                        f"{model_name}")
+    load_weights(run.model, state_dict_of(ckpt), f"checkpoint {path}")
+    if "optimizer" in ckpt:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    # "next": the (epoch, step) a checkpoint continues at; older ones end an epoch
+    run.start_epoch, run.start_step = ckpt.get("next", (ckpt.get("epoch", -1) + 1, 0))
+    run.best, run.partial = ckpt.get("best_top1", -1.0), ckpt.get("partial")
     # time before this start: the summary's hours and device-hours count every start
-    elapsed_before, device_before = (ckpt.get("elapsed_s", 0.0), ckpt.get("device_s", 0.0)) \
-        if ckpt is not None else (0.0, 0.0)
-    names = [device_name(device)]
-    if world > 1:
-        names = [None] * world
-        dist.all_gather_object(names, device_name(device))
-    tensorboard = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
-        trim_metrics(out / "metrics.jsonl", start_epoch)
-        add_provenance(out / "provenance.json", dict(
-            devices=names, world_size=world, device_batch=per_device, accum_steps=accum,
-            workers=args.workers, precision=amp_name(amp_dtype), channels_last=channels_last,
-            compile=bool(args.compile), seed=args.seed, resumed_from=ckpt_path and str(
-                ckpt_path), start_epoch=start_epoch + 1, start_step=start_step + 1))
-        if args.tensorboard:
-            tensorboard = tensorboard_writer(args.tensorboard)
+    run.elapsed_before, run.device_s_before = ckpt.get("elapsed_s", 0.0), ckpt.get("device_s", 0.0)
+    if run.start_step and (run.partial is None or ckpt.get("world") != run.world
+                           or ckpt.get("steps") != run.steps):
+        raise UserError(f"{path} stopped inside epoch {run.start_epoch + 1} with "
+                        f"{ckpt.get('world')} process(es) x {ckpt.get('steps')} steps; this run "
+                        f"has {run.world} x {run.steps}: resume it with the same world size and "
+                        "batch, or from the epoch's end (prev.pth or an earlier run)")
+    run.log(f"resumed from {path} at epoch {run.start_epoch + 1}"
+            + (f", step {run.start_step + 1} of {run.steps}" if run.start_step else ""))
 
-    ddp_model = model
-    if world > 1:  # DDP broadcasts rank 0's weights and buffers here
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = None
+
+def open_run_folder(run):
+    """Rank 0 writes recipe.json, appends this start to provenance.json (the device names of
+    every rank: a collective) and drops metrics rows past the checkpoint."""
+    names = [device_name(run.device)]
+    if run.world > 1:
+        names = [None] * run.world
+        dist.all_gather_object(names, device_name(run.device))
+    run.tensorboard, run.reported, run.last_save = None, set(), time.monotonic()
+    if run.rank != 0:
+        return
+    out, args = run.out, run.args
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(run.recipe, indent=1) + "\n")
+    trim_metrics(out / "metrics.jsonl", run.start_epoch)
+    add_provenance(out / "provenance.json", dict(
+        devices=names, world_size=run.world, device_batch=run.per_device,
+        accum_steps=run.accum, workers=args.workers, precision=amp_name(run.amp_dtype),
+        channels_last=run.channels_last, compile=bool(args.compile), seed=args.seed,
+        resumed_from=run.resumed_from and str(run.resumed_from),
+        start_epoch=run.start_epoch + 1, start_step=run.start_step + 1))
+    if args.tensorboard:
+        run.tensorboard = tensorboard_writer(args.tensorboard)
+
+
+def wrap_model(run):
+    recipe, model = run.recipe, run.model
+    run.ddp_model = model
+    if run.world > 1:  # DDP broadcasts rank 0's weights and buffers here
+        run.ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    run.ema = None
     if recipe["ema_decay"]:  # made from the weights every rank trains, after the broadcast
         decay = recipe["ema_decay"]
         if recipe["ema_style"] == "tv":
-            decay = tv_ema_decay(decay, world, per_device, recipe["ema_every"], recipe["epochs"])
-            log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
-        ema = EMA(model, decay, tf_warmup=recipe["ema_style"] == "tf",
-                  copy_first=recipe["ema_style"] == "tv")
-        if ckpt is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
+            decay = tv_ema_decay(decay, run.world, run.per_device, recipe["ema_every"],
+                                 recipe["epochs"])
+            run.log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
+        run.ema = EMA(model, decay, tf_warmup=recipe["ema_style"] == "tf",
+                      copy_first=recipe["ema_style"] == "tv")
+        if run.ckpt is not None and run.ckpt.get("ema"):
+            run.ema.load_state_dict(run.ckpt["ema"])
+    if run.args.compile:
+        run.ddp_model = torch.compile(run.ddp_model)
 
-    if recipe["loss"] == "bce":
-        def loss_fn(logits, y):
-            return binary_cross_entropy(logits, y, recipe["label_smoothing"],
-                                        recipe["bce_target_thresh"])
-    else:
-        def loss_fn(logits, y):
-            return cross_entropy(logits, y, recipe["label_smoothing"])
 
-    def checkpoint(epoch, next_step, sums, row=None):
-        """Everything the rest of the run depends on. The random streams need no saving:
-        every step reseeds them from (seed, epoch, step, rank), and the loader's from (seed,
-        epoch, batch). Mid-epoch (next_step > 0) the epoch's running sums of every rank come
-        along, so that the resumed epoch's row is the uninterrupted one's."""
-        if next_step:
-            gathered = [torch.zeros_like(sums) for _ in range(world)] if world > 1 else [sums]
-            if world > 1:
-                dist.all_gather(gathered, sums)
-        if rank != 0:
-            return
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     ema=ema.state_dict() if ema is not None else None,
-                     scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                     epoch=epoch - 1 if next_step else epoch, best_top1=best, recipe=recipe,
-                     classes=train_set.classes, world=world, steps=steps, seed=args.seed,
-                     elapsed_s=elapsed_before + time.perf_counter() - started,
-                     device_s=device_before + (time.perf_counter() - started) * world,
-                     next=(epoch, next_step) if next_step else (epoch + 1, 0))
-        if next_step:
-            state["partial"] = torch.stack(gathered).cpu()
-        if row is not None:
-            state["metrics"] = row
-        save_checkpoint(out / "last.pth", state)
-
-    save_every = (args.save_every_minutes or 0) * 60
-    reported = set()  # unreadable images already named
-    last_save = time.monotonic()
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, recipe["epochs"]):
-            first = start_step if epoch == start_epoch else 0
-            train_sampler.set_epoch(epoch, skip=first)  # the batches before `first` not decoded
-            ddp_model.train()
-            # this rank's running sums: finite losses, non-finite ones, of them in a row,
-            # unreadable images skipped
-            sums = torch.zeros(4, dtype=torch.float64, device=device)
-            skipped, counted = [], 0  # this epoch's unreadable images, of them in sums[3]
-            if first:
-                sums.copy_(partial[rank])
-            stopped, pending = False, None
-            t0 = time.perf_counter()
-            bar = None
-            if rank == 0 and not args.quiet:
-                from tqdm import tqdm
-                bar = tqdm(total=steps, initial=first, leave=False, dynamic_ncols=True,
-                           desc=f"epoch {epoch + 1}/{recipe['epochs']}", mininterval=1.0)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            waited = [0.0]  # seconds spent waiting for the loader
-            batches = timed(to_device(train_loader, device, train_set.transform.on_device,
-                                      skipped), waited)
-            for step, (images, target) in zip(range(first, steps), batches):
-                # erasing, Mixup/CutMix, drop path and dropout draw from streams seeded here: a
-                # function of (seed, epoch, step, rank), so a run resumed at any step continues
-                # exactly, and no two seeds share them
-                step_seed = seed_for(args.seed, SEED_STEP, epoch, step, rank)
-                seed_all(step_seed)
-                mix_rng = np.random.default_rng(step_seed)
-                t = epoch + (step // accum * accum) / steps if recipe["sched_per_step"] else epoch
-                lr = lr_at(t, recipe, noise_seed=noise_seed)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if not channels_last:
-                    images = images.contiguous()
-                images, target = augment_batch(images, target, recipe, num_classes, mix_rng)
-                last_micro = (step + 1) % accum == 0
-                sync = ddp_model.no_sync() if world > 1 and not last_micro \
-                    else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype,
-                                        enabled=amp_dtype is not None):
-                        logits = ddp_model(images)
-                    loss = loss_fn(logits.float(), target)
-                    scaler.scale(loss / accum).backward()
-                if last_micro:
-                    if recipe["clip"]:
-                        scaler.unscale_(optimizer)  # timm clips the true gradients
-                        clip_gradients(model, recipe["clip"])
-                    scaler.step(optimizer)  # skipped by fp16's scaler when a gradient is not finite
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    update = step // accum
-                    # tv: EMA after every ema_every-th update of the epoch, copied during warmup
-                    if ema is not None and update % recipe["ema_every"] == 0:
-                        ema.update(model, copy=recipe["ema_style"] == "tv"
-                                   and epoch < recipe["warmup_epochs"])
-                loss = loss.detach().double()
-                finite = torch.isfinite(loss)
-                sums[0] += torch.where(finite, loss, 0.0)
-                sums[1] += ~finite
-                sums[2] = torch.where(finite, 0.0, sums[2] + 1)
-                if len(skipped) > counted:  # rare: no host-to-device copy otherwise
-                    sums[3] += len(skipped) - counted
-                    counted = len(skipped)
+def train_epoch(run, epoch, first):
+    """Steps `first`..steps-1 of the epoch. Returns this rank's sums (finite losses, non-finite
+    ones, of them in a row, unreadable images); raises Stopped after a checkpoint when a
+    signal asks; stops early on a non-finite loss (end_epoch raises)."""
+    args, device, recipe = run.args, run.device, run.recipe
+    run.sampler.set_epoch(epoch, skip=first)  # the batches before `first` are not decoded
+    run.ddp_model.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    if first:
+        sums.copy_(run.partial[run.rank])
+    run.skipped, counted, pending, run.nonfinite = [], 0, None, False
+    run.t0, run.waited = time.perf_counter(), [0.0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = progress_bar(run, epoch, first)
+    batches = timed(to_device(run.train_loader, device, run.train_set.transform.on_device,
+                              run.skipped), run.waited)
+    for step, (images, target) in zip(range(first, run.steps), batches):
+        loss, last_micro = train_step(run, images, target, epoch, step)
+        finite = torch.isfinite(loss)
+        sums[0] += torch.where(finite, loss, 0.0)
+        sums[1] += ~finite
+        sums[2] = torch.where(finite, 0.0, sums[2] + 1)
+        if len(run.skipped) > counted:  # rare: no host-to-device copy otherwise
+            sums[3] += len(run.skipped) - counted
+            counted = len(run.skipped)
+        if bar is not None:
+            bar.update()
+            if (step + 1) % args.log_interval == 0 or step + 1 == run.steps:
+                seen = (step + 1 - first) * run.per_device * run.world
+                bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.4f}", lr=f"{run.lr:.3g}",
+                                img_s=f"{seen / (time.perf_counter() - run.t0):.0f}")
+        save_every = (args.save_every_minutes or 0) * 60
+        save_due = bool(save_every) and time.monotonic() - run.last_save >= save_every
+        if (step + 1) % args.log_interval == 0:  # all ranks, the same steps: one sync
+            bad, in_a_row, stop_asked, save_asked = poll_flags(
+                sums[1].long(), sums[2].long(), run.stop.signum, save_due and run.rank == 0,
+                run.world)
+            if nonfinite_stop(bad, in_a_row, run.scaler):
+                run.nonfinite = True
+                break
+            pending = (stop_asked, save_asked) if stop_asked or save_asked else pending
+        elif run.world == 1 and (run.stop.signum or save_due):  # no collective needed
+            pending = (run.stop.signum, save_due)
+        if pending and last_micro and step + 1 < run.steps:  # between updates only
+            checkpoint(run, epoch, step + 1, sums)
+            if pending[0]:
                 if bar is not None:
-                    bar.update()
-                    if (step + 1) % args.log_interval == 0 or step + 1 == steps:
-                        seen = (step + 1 - first) * per_device * world
-                        bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.4f}", lr=f"{lr:.3g}",
-                                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                save_due = bool(save_every) and time.monotonic() - last_save >= save_every
-                if (step + 1) % args.log_interval == 0:  # all ranks, the same steps
-                    bad, in_a_row, stop_asked, save_asked = poll_flags(
-                        sums[1].long(), sums[2].long(), stop.signum, save_due and rank == 0,
-                        world)
-                    if nonfinite_stop(bad, in_a_row, scaler):
-                        stopped = True
-                        break
-                    pending = (stop_asked, save_asked) if stop_asked or save_asked else pending
-                elif world == 1 and (stop.signum or save_due):  # no collective needed
-                    pending = (stop.signum, save_due)
-                if pending and last_micro and step + 1 < steps:
-                    checkpoint(epoch, step + 1, sums)
-                    last_save = time.monotonic()
-                    if pending[0]:
-                        if bar is not None:
-                            bar.close()
-                        raise Stopped(f"epoch {epoch + 1}, step {step + 1} of {steps}")
-                    pending = None
-            if bar is not None:
-                bar.close()
-            if world > 1:
-                totals = sums.clone()
-                dist.all_reduce(totals)
-            else:
-                totals = sums
-            loss_total, bad = totals[0].item(), int(totals[1].item())
-            good = steps * world - bad
-            if stopped or (bad and not scaler.is_enabled()) or good <= 0 \
-                    or not math.isfinite(loss_total):
-                absorbed = " (more than fp16 loss scaling can absorb)" if scaler.is_enabled() \
-                    else ""
-                raise UserError(f"training loss became nan/inf in epoch {epoch + 1} (lr {lr:g}, "
-                                f"{bad} step(s){absorbed}); {out / 'last.pth'} still holds the "
-                                "last good epoch: resume it with --resume auto and a lower --lr")
-            train_loss = loss_total / good
-            train_time = time.perf_counter() - t0
-            bad_images = int(totals[3].item())
-            if bad_images:  # each path once a run, by rank 0
-                lists = [skipped]
-                if world > 1:
-                    lists = [None] * world
-                    dist.all_gather_object(lists, skipped)
-                for line in sorted({p for part in lists for p in part} - reported):
-                    log(f"warning: skipped unreadable image {line}")
-                    reported.add(line)
-            if world > 1:
-                average_bn_stats(model, world)
-                if ema is not None:
-                    average_bn_stats(ema.module, world)
-            # the plain model: ranks may hold different numbers of eval batches, and DDP's
-            # forward could wait on a collective
-            metrics = evaluate(model, val_loader, device, amp_dtype, world)
-            row = dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=round(train_loss, 5),
-                       top1=round(metrics["top1"], 3), top5=round(metrics["top5"], 3),
-                       val_loss=round(metrics["loss"], 5))
-            if ema is not None:
-                # timm and tv: the EMA weights are the result; timm keeps the best by their top-1
-                metrics = evaluate(ema.module, val_loader, device, amp_dtype, world)
-                row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
-            is_best = metrics["top1"] > best
-            best = max(best, metrics["top1"])
-            if scaler.is_enabled():  # steps GradScaler skipped for a non-finite loss, its scale
-                row.update(skipped_steps=bad, grad_scale=scaler.get_scale())
-            row.update(best_top1=round(best, 3), val_images=metrics["images"],
-                       bad_images=bad_images, data_wait=round(waited[0] / train_time, 3),
-                       **peak_memory(device),
-                       train_img_s=round((steps - first) * per_device * world / train_time, 1),
-                       epoch_s=round(time.perf_counter() - t0, 1))
-            log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-            if rank == 0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if tensorboard is not None:
-                    for key, value in row.items():
-                        if key != "epoch":
-                            tensorboard.add_scalar(key, value, epoch + 1)
-                    tensorboard.flush()
-            checkpoint(epoch, 0, sums, row)
-            last_save = time.monotonic()
-            if rank == 0 and is_best:
-                link_checkpoint(out / "last.pth", out / "best.pth")
-            # a signal during evaluation: stop here, all ranks together
-            if epoch + 1 < recipe["epochs"] and poll_flags(
-                    sums[1].long(), sums[2].long(), stop.signum, False, world)[2]:
-                raise Stopped(f"the end of epoch {epoch + 1}")
-    if rank == 0:
-        if tensorboard is not None:
-            tensorboard.close()
-        elapsed = time.perf_counter() - started
-        summary = write_summary(out, recipe, elapsed_before + elapsed,
-                                device_before + elapsed * world)
-        log(summary_line(summary))
+                    bar.close()
+                raise Stopped(f"epoch {epoch + 1}, step {step + 1} of {run.steps}")
+            pending = None
+    if bar is not None:
+        bar.close()
+    return sums
+
+
+def train_step(run, images, target, epoch, step):
+    """One micro-step; an optimizer update (clip, step, EMA) at the last of `accum`. Returns
+    the loss (detached, float64) and whether an update happened."""
+    recipe, model, optimizer, scaler = run.recipe, run.model, run.optimizer, run.scaler
+    # erasing, Mixup/CutMix, drop path and dropout draw from streams seeded here: a function
+    # of (seed, epoch, step, rank), so a run resumed at any step continues exactly
+    step_seed = seed_for(run.args.seed, SEED_STEP, epoch, step, run.rank)
+    seed_all(step_seed)
+    t = epoch + (step // run.accum * run.accum) / run.steps if recipe["sched_per_step"] \
+        else epoch
+    run.lr = lr_at(t, recipe, noise_seed=run.noise_seed)
+    for group in optimizer.param_groups:
+        group["lr"] = run.lr
+    if not run.channels_last:
+        images = images.contiguous()
+    images, target = augment_batch(images, target, recipe, len(run.train_set.classes),
+                                   np.random.default_rng(step_seed))
+    last_micro = (step + 1) % run.accum == 0
+    # DDP all-reduces gradients at the last micro-step of an update only
+    sync = run.ddp_model.no_sync() if run.world > 1 and not last_micro \
+        else contextlib.nullcontext()
+    with sync:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype,
+                            enabled=run.amp_dtype is not None):
+            logits = run.ddp_model(images)
+        loss = run.loss_fn(logits.float(), target)
+        scaler.scale(loss / run.accum).backward()
+    if last_micro:
+        if recipe["clip"]:
+            scaler.unscale_(optimizer)  # timm clips the true gradients
+            clip_gradients(model, recipe["clip"])
+        scaler.step(optimizer)  # skipped by fp16's scaler when a gradient is not finite
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        # tv: EMA after every ema_every-th update of the epoch, copied during warmup
+        if run.ema is not None and step // run.accum % recipe["ema_every"] == 0:
+            run.ema.update(model, copy=recipe["ema_style"] == "tv"
+                           and epoch < recipe["warmup_epochs"])
+    return loss.detach().double(), last_micro
+
+
+def progress_bar(run, epoch, first):
+    if run.rank != 0 or run.args.quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.steps, initial=first, leave=False, dynamic_ncols=True,
+                desc=f"epoch {epoch + 1}/{run.recipe['epochs']}", mininterval=1.0)
+
+
+def end_epoch(run, epoch, first, sums):
+    """The epoch's row: losses summed over ranks (a non-finite one ends the run), unreadable
+    images named, BN statistics averaged, model and EMA evaluated; metrics.jsonl, the
+    checkpoint, best.pth; a signal during all this stops the run here."""
+    world, scaler = run.world, run.scaler
+    totals = sums.clone()
     if world > 1:
+        dist.all_reduce(totals)
+    loss_total, bad = totals[0].item(), int(totals[1].item())
+    good = run.steps * world - bad
+    if run.nonfinite or (bad and not scaler.is_enabled()) or good <= 0 \
+            or not math.isfinite(loss_total):
+        absorbed = " (more than fp16 loss scaling can absorb)" if scaler.is_enabled() else ""
+        raise UserError(f"training loss became nan/inf in epoch {epoch + 1} (lr {run.lr:g}, "
+                        f"{bad} step(s){absorbed}); {run.out / 'last.pth'} still holds the last "
+                        "good epoch: resume it with --resume auto and a lower --lr")
+    train_time = time.perf_counter() - run.t0
+    bad_images = int(totals[3].item())
+    if bad_images:
+        report_skipped(run)
+    if world > 1:
+        average_bn_stats(run.model, world)
+        if run.ema is not None:
+            average_bn_stats(run.ema.module, world)
+    # the plain model: ranks may hold different numbers of eval batches, and DDP's forward
+    # could wait on a collective
+    metrics = evaluate(run.model, run.val_loader, run.device, run.amp_dtype, world)
+    row = dict(epoch=epoch + 1, lr=float(f"{run.lr:.6g}"),
+               train_loss=round(loss_total / good, 5), top1=round(metrics["top1"], 3),
+               top5=round(metrics["top5"], 3), val_loss=round(metrics["loss"], 5))
+    if run.ema is not None:
+        # timm and tv: the EMA weights are the result; timm keeps the best by their top-1
+        metrics = evaluate(run.ema.module, run.val_loader, run.device, run.amp_dtype, world)
+        row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
+    is_best = metrics["top1"] > run.best
+    run.best = max(run.best, metrics["top1"])
+    if scaler.is_enabled():  # steps GradScaler skipped for a non-finite loss, its scale
+        row.update(skipped_steps=bad, grad_scale=scaler.get_scale())
+    row.update(best_top1=round(run.best, 3), val_images=metrics["images"],
+               bad_images=bad_images, data_wait=round(run.waited[0] / train_time, 3),
+               **peak_memory(run.device),
+               train_img_s=round((run.steps - first) * run.per_device * world / train_time, 1),
+               epoch_s=round(time.perf_counter() - run.t0, 1))
+    run.log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    if run.rank == 0:
+        log_row(run, row)
+    checkpoint(run, epoch, 0, sums, row)
+    if run.rank == 0 and is_best:
+        link_checkpoint(run.out / "last.pth", run.out / "best.pth")
+    if epoch + 1 < run.recipe["epochs"] and poll_flags(
+            sums[1].long(), sums[2].long(), run.stop.signum, False, world)[2]:
+        raise Stopped(f"the end of epoch {epoch + 1}")
+
+
+def report_skipped(run):
+    """Name each unreadable image once a run (rank 0, from every rank's list: a collective)."""
+    lists = [run.skipped]
+    if run.world > 1:
+        lists = [None] * run.world
+        dist.all_gather_object(lists, run.skipped)
+    for line in sorted({p for part in lists for p in part} - run.reported):
+        run.log(f"warning: skipped unreadable image {line}")
+        run.reported.add(line)
+
+
+def log_row(run, row):
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if run.tensorboard is not None:
+        for key, value in row.items():
+            if key != "epoch":
+                run.tensorboard.add_scalar(key, value, row["epoch"])
+        run.tensorboard.flush()
+
+
+def checkpoint(run, epoch, next_step, sums, row=None):
+    """Everything the rest of the run depends on. The random streams need no saving: every
+    step reseeds them from (seed, epoch, step, rank), and the loader's from (seed, epoch,
+    batch). Mid-epoch (next_step > 0) the epoch's running sums of every rank come along (a
+    collective), so that the resumed epoch's row is the uninterrupted one's."""
+    if next_step:
+        gathered = [torch.zeros_like(sums) for _ in range(run.world)] if run.world > 1 \
+            else [sums]
+        if run.world > 1:
+            dist.all_gather(gathered, sums)
+    run.last_save = time.monotonic()
+    if run.rank != 0:
+        return
+    elapsed = time.perf_counter() - run.started
+    state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                 ema=run.ema.state_dict() if run.ema is not None else None,
+                 scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 epoch=epoch - 1 if next_step else epoch, best_top1=run.best,
+                 recipe=run.recipe, classes=run.train_set.classes, world=run.world,
+                 steps=run.steps, seed=run.args.seed, elapsed_s=run.elapsed_before + elapsed,
+                 device_s=run.device_s_before + elapsed * run.world,
+                 next=(epoch, next_step) if next_step else (epoch + 1, 0))
+    if next_step:
+        state["partial"] = torch.stack(gathered).cpu()
+    if row is not None:
+        state["metrics"] = row
+    save_checkpoint(run.out / "last.pth", state)
+
+
+def finish(run):
+    if run.rank == 0:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+        elapsed = time.perf_counter() - run.started
+        summary = write_summary(run.out, run.recipe, run.elapsed_before + elapsed,
+                                run.device_s_before + elapsed * run.world)
+        run.log(summary_line(summary))
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return best
 
 
 # ==================================================================================================

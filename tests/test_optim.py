@@ -61,7 +61,7 @@ def test_lamb_state_dict_roundtrip():
 
 def _a3(**kw):
     from train_a3 import RECIPE
-    return common.resolve(dict(RECIPE, **kw))
+    return common.resolve(common.full_recipe(dict(RECIPE, **kw)))
 
 
 @pytest.mark.parametrize("epochs,warmup", [(100, 5), (12, 1), (7, 0)])

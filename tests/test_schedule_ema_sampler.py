@@ -105,7 +105,7 @@ def test_cosine_a3_recipe_unchanged():
     """The A3 recipe through the new lr_at: timm's per-epoch values, as before."""
     import common
     from train_a3 import RECIPE
-    recipe = common.resolve(RECIPE)
+    recipe = common.resolve(common.full_recipe(RECIPE))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe["lr"])
     sched = timm.scheduler.CosineLRScheduler(opt, t_initial=100, lr_min=recipe["min_lr"],
                                              warmup_t=5, warmup_lr_init=recipe["warmup_lr"])
