@@ -1191,6 +1191,9 @@ def tv_random_erasing(x, prob, value=0.0, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
     return x
 
 
+# Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): timm's Mixup in 'batch' mode, tv's
+# RandomMixup / RandomCutmix
+
 def smooth_one_hot(target, num_classes, smoothing=0.0):
     """Off value s / C, on value 1 - s + s / C (timm's one_hot in mixup_target)."""
     off = smoothing / num_classes
@@ -1980,6 +1983,8 @@ class EMA:
 # Engine: distributed setup, loaders, train step, evaluation, checkpoints
 # ==================================================================================================
 
+# Processes, loaders, evaluation
+
 def setup_device(device_arg):
     """(device, rank, world): torchrun's env:// when WORLD_SIZE is set, else one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -2122,6 +2127,8 @@ def average_bn_stats(model, world):
             buf.div_(world)
 
 
+# Checkpoints: crash-safe saves, resume, untrusted files refused
+
 def save_checkpoint(path, state):
     """Crash-safe: written to path.tmp, fsync'd, then renamed over `path`, whose previous
     version stays as prev.pth (a hard link, no second write). A kill at any moment leaves
@@ -2234,6 +2241,8 @@ def state_dict_of(obj):
     raise UserError("checkpoint holds no model state dict")
 
 
+# Precision and the batch's augmentation on the device
+
 def amp_dtype_for(device, recipe, amp_dtype="auto"):
     """The autocast dtype, None for float32. auto: on CUDA where the recipe uses AMP, bf16 on
     GPUs with bf16 units (compute capability 8.0 on: A100, H100, RTX 30xx on), else fp16 with
@@ -2276,6 +2285,8 @@ def amp_name(amp_dtype):
     return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}.get(
         amp_dtype, "float32")
 
+
+# Stopping: signals, non-finite losses; both decided by all ranks together
 
 STOP_SIGNALS = tuple(n for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; --resume auto continues
@@ -2330,6 +2341,8 @@ def nonfinite_stop(bad, in_a_row, scaler):
     scale), and only SKIPPED_IN_A_ROW of them in a row, on any rank, stop it."""
     return in_a_row >= SKIPPED_IN_A_ROW if scaler.is_enabled() else bad > 0
 
+
+# Run records: data wait, memory, provenance, TensorBoard, summary
 
 def timed(iterable, waited):
     """The items of `iterable`; the seconds spent waiting for them are added to waited[0]."""
@@ -2437,6 +2450,8 @@ def summary_line(s):
             f"{s['device_hours']:.2f} device-hours, {s['train_img_s']:,.0f} train img/s")
 
 
+# The run: train() and its steps, in the order they happen
+
 def train(recipe, args):
     """One run, top to bottom; `run` carries its parts from one step to the next."""
     run = SimpleNamespace(args=args, started=time.perf_counter(), out=Path(args.output))
@@ -2459,15 +2474,22 @@ def train(recipe, args):
     return run.best
 
 
+def linear_lr(recipe, batch, why):
+    """The recipe at global batch `batch` with its lr scaled linearly (Goyal et al. 2017, as
+    timm's and tv's users do), and the line that says so: the one place lr follows the batch."""
+    lr = recipe["lr"] * batch / recipe["batch_size"]
+    return dict(recipe, lr=lr, batch_size=batch), (
+        f"global batch {batch} ({why}), not the recipe's {recipe['batch_size']}: lr "
+        f"{recipe['lr']:g} -> {lr:g} (linear scaling)")
+
+
 def plan_batch(run, recipe):
     per_device, accum, effective = batch_plan(recipe["batch_size"], run.world,
                                               run.args.device_batch, run.args.accum_steps)
     if effective != recipe["batch_size"]:
-        scaled = recipe["lr"] * effective / recipe["batch_size"]
-        run.log(f"global batch {effective} ({run.world} x {per_device} x {accum} accumulation) "
-                f"differs from the recipe's {recipe['batch_size']}: lr {recipe['lr']:g} -> "
-                f"{scaled:g} (linear scaling)")
-        recipe = dict(recipe, lr=scaled, batch_size=effective)
+        recipe, note = linear_lr(recipe, effective,
+                                 f"{run.world} x {per_device} x {accum} accumulation")
+        run.log(note)
     run.log(f"{run.world} process(es) on {run.device}, {per_device} images per device x {accum} "
             f"accumulation step(s) = global batch {effective}")
     run.recipe, run.per_device, run.accum = recipe, per_device, accum
@@ -3047,10 +3069,7 @@ def parse_args(recipe, argv, demo=None, variants=None, by_model=None):
     args.lr_note = None
     if "batch_size" in overrides and "lr" not in overrides:
         # the recipe's lr is for its batch: another --batch-size alone scales it linearly
-        overrides["lr"] = recipe["lr"] * overrides["batch_size"] / recipe["batch_size"]
-        args.lr_note = (f"--batch-size {overrides['batch_size']} (recipe: "
-                        f"{recipe['batch_size']}): lr {recipe['lr']:g} -> {overrides['lr']:g}"
-                        " (linear scaling)")
+        recipe, args.lr_note = linear_lr(recipe, overrides["batch_size"], "--batch-size")
     recipe = resolve(dict(recipe, **overrides))
     # what differs from the script (--demo, a Table 8 row, the command line), for the start line
     args.changed = [(k, as_written[k], v) for k, v in recipe.items() if v != as_written[k]]

@@ -17,7 +17,6 @@ one GPU, or under torchrun (every image counted once).
 """
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -79,18 +78,20 @@ def load_model(path, args):
 def transforms_for(recipe, args):
     """[(size, resize, interpolation)] to test one checkpoint at: the given sizes, with the
     given resize or crop ratio, else the recipe's, else 224 / 0.875 (256 -> 224)."""
+    def resize_for(size, crop_pct):  # as training derives it (common.resolve)
+        return common.resolve(dict(eval_size=size, crop_pct=crop_pct))["eval_resize"]
     interpolation = args.interpolation or recipe.get("interpolation", "bilinear")
     if not args.eval_size:
         size = recipe.get("eval_size", 224)
         if args.eval_resize:
             resize = args.eval_resize[0]
         elif args.crop_pct:
-            resize = math.floor(size / args.crop_pct)
+            resize = resize_for(size, args.crop_pct)
         else:
-            resize = recipe.get("eval_resize") or math.floor(size / 0.875)
+            resize = recipe.get("eval_resize") or resize_for(size, 0.875)
         return [(size, resize, interpolation)]
     crop_pct = args.crop_pct or recipe.get("crop_pct") or 0.875
-    resizes = args.eval_resize or [math.floor(size / crop_pct) for size in args.eval_size]
+    resizes = args.eval_resize or [resize_for(size, crop_pct) for size in args.eval_size]
     return [(size, resize, interpolation) for size, resize in zip(args.eval_size, resizes)]
 
 
