@@ -1,8 +1,9 @@
 """The engine shared by every recipe script: model, data, augmentation, loss, optimizer,
 schedule, training loop, evaluation, checkpoints and the command line.
 
-Sections follow the data: model -> data -> augment -> sampler -> loss -> optim -> schedule
--> engine -> CLI. Each ingredient says where its behaviour comes from: "timm" is
+DEFAULTS (every recipe key) comes first; then the sections follow the data: model -> data ->
+augment (-> its device port) -> sampler -> loss -> optim -> schedule -> EMA -> engine -> demo
+data -> CLI -> the README's recipe table. Each ingredient says where its behaviour comes from: "timm" is
 pytorch-image-models (the code the ResNet strikes back numbers were produced with), "tv" is
 torchvision's references/classification, "RSB" is the ResNet strikes back paper.
 """
@@ -664,6 +665,8 @@ def _mean_std(device, mean, std):
 # Augment: RandAugment (timm's), TrivialAugment (tv's), random erasing, Mixup + CutMix
 # ==================================================================================================
 
+# RandAugment (Cubuk et al. 2020) as timm's rand_augment_transform: ops, magnitudes, draws
+
 # timm _RAND_TRANSFORMS and _RAND_INCREASING_TRANSFORMS ("inc1"): same 15 ops, but the
 # increasing set makes posterize, solarize and the enhancements stronger as magnitude grows
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
@@ -928,6 +931,153 @@ def trivial_augment(img, resample=Image.BILINEAR, fill=None):
     return trivial_augment_op(img, *trivial_augment_draw(), resample, fill)
 
 
+# Random erasing (Zhong et al. 2017): timm's on the device, tv's constant-value variant
+
+def random_erasing(x, prob, count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                   mode="pixel"):
+    """timm RandomErasing as its PrefetchLoader applies it (--reprob, --recount, --remode): in
+    place on the normalised float NCHW batch, on the batch's device. Geometry from python's
+    `random` and the noise from torch on the batch's device, call for call as timm, so the same
+    seeds give the same pixels. count > 1 is timm's max_count: each erased image gets
+    randint(1, count) boxes, each of 1/boxes of the sampled area."""
+    if prob <= 0:  # timm builds no RandomErasing then, so draws nothing
+        return x
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"random erasing mode {mode!r} is not 'pixel', 'rand' or 'const'")
+    n, channels, height, width = x.shape
+    area = height * width
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    for i in range(n):
+        if random.random() > prob:
+            continue
+        boxes = random.randint(1, count) if count > 1 else 1  # timm: min_count 1, no draw at 1
+        for _ in range(boxes):
+            for _ in range(10):
+                target_area = random.uniform(min_area, max_area) * area / boxes
+                aspect = math.exp(random.uniform(*log_aspect))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < width and h < height:
+                    top = random.randint(0, height - h)
+                    left = random.randint(0, width - w)
+                    if mode == "const":
+                        x[i, :, top:top + h, left:left + w] = 0
+                    else:
+                        shape = (channels, h, w) if mode == "pixel" else (channels, 1, 1)
+                        x[i, :, top:top + h, left:left + w] = torch.empty(
+                            shape, dtype=x.dtype, device=x.device).normal_()
+                    break
+    return x
+
+
+def tv_random_erasing(x, prob, value=0.0, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+    """tv's RandomErasing (references/classification: p = --random-erase, value 0, after
+    Normalize), on the whole normalised batch on its device, in place. Per image the same torch
+    CPU draws as tv's forward + get_params, so a batch erased here with torch seeded equals tv's
+    transform applied image by image after the same seed. One box at most; an image where no
+    sampled box fits in 10 tries is left alone, as tv does."""
+    if prob <= 0:  # tv's preset adds no RandomErasing then
+        return x
+    height, width = x.shape[-2:]
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as tv: the bounds are rounded alike
+    if isinstance(value, (int, float)):
+        fill = float(value)
+    else:
+        fill = torch.tensor(value, dtype=x.dtype, device=x.device)[:, None, None]
+    for i in range(x.shape[0]):
+        if not torch.rand(1) < prob:
+            continue
+        for _ in range(10):
+            erase_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            h = int(round(math.sqrt(erase_area * aspect)))
+            w = int(round(math.sqrt(erase_area / aspect)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+                x[i, :, top:top + h, left:left + w] = fill
+                break
+    return x
+
+
+# Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): timm's Mixup in 'batch' mode, tv's
+# RandomMixup / RandomCutmix
+
+def smooth_one_hot(target, num_classes, smoothing=0.0):
+    """Off value s / C, on value 1 - s + s / C (timm's one_hot in mixup_target)."""
+    off = smoothing / num_classes
+    y = torch.full((target.shape[0], num_classes), off, device=target.device)
+    return y.scatter_(1, target.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def mix_params(rng, mixup, cutmix, switch_prob=0.5):
+    """(lam, use_cutmix) for one batch: one of the two with probability switch_prob when both
+    are on, lam ~ Beta(alpha, alpha) (timm Mixup._params_per_batch, mode 'batch', prob 1)."""
+    if mixup > 0 and cutmix > 0:
+        use_cutmix = bool(rng.random() < switch_prob)
+    else:
+        use_cutmix = cutmix > 0
+    alpha = cutmix if use_cutmix else mixup
+    return float(rng.beta(alpha, alpha)), use_cutmix
+
+
+def cutmix_box(height, width, lam, cy, cx):
+    """Box of side ratio sqrt(1 - lam) centred at (cy, cx), clipped to the image; lam is
+    recomputed from the clipped area (timm rand_bbox + cutmix_bbox_and_lam, correct_lam).
+    timm 1.0 spans exactly cut_h rows; the 2021 timm of the RSB runs spanned 2 * (cut_h // 2),
+    one row fewer for an odd cut_h. We follow the current code, whose box matches the paper."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    yl, yh = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    xl, xh = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
+    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
+
+
+def cutmix_box_tv(height, width, lam, cy, cx):
+    """tv's RandomCutmix box: half-sides int(0.5 sqrt(1 - lam) * side) around (cy, cx),
+    clipped, lam recomputed from the clipped area."""
+    r = 0.5 * math.sqrt(1.0 - lam)
+    half_h, half_w = int(r * height), int(r * width)
+    yl, yh = max(cy - half_h, 0), min(cy + half_h, height)
+    xl, xh = max(cx - half_w, 0), min(cx + half_w, width)
+    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
+
+
+def mix_batch(x, target, num_classes, lam, box=None, smoothing=0.0, partner="flip"):
+    """Mix each sample with a partner in place, soft targets to match. timm's partner of
+    sample i is N-1-i (the batch flipped: an odd batch mixes its middle sample with itself);
+    tv's is i-1 (the batch rolled by one)."""
+    def other(t):
+        return t.flip(0) if partner == "flip" else t.roll(1, 0)
+    if box is not None:
+        yl, yh, xl, xh = box
+        x[:, :, yl:yh, xl:xh] = other(x)[:, :, yl:yh, xl:xh]
+    elif lam != 1.0:
+        mixed = other(x).mul_(1.0 - lam)
+        x.mul_(lam).add_(mixed)
+    y = smooth_one_hot(target, num_classes, smoothing)
+    return x, y * lam + other(y) * (1.0 - lam)
+
+
+def mixup_cutmix(x, target, num_classes, mixup, cutmix, smoothing, rng, style="timm"):
+    """One of Mixup / CutMix for the batch (timm Mixup mode 'batch'; tv RandomChoice of its
+    RandomMixup / RandomCutmix, the same draw); label smoothing is applied before mixing,
+    which equals tv's smoothing inside the loss (both are linear)."""
+    lam, use_cutmix = mix_params(rng, mixup, cutmix)
+    box = None
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        box, lam = (cutmix_box if style == "timm" else cutmix_box_tv)(h, w, lam, cy, cx)
+    return mix_batch(x, target, num_classes, lam, box, smoothing,
+                     "flip" if style == "timm" else "roll")
+
+
+# ==================================================================================================
+# Augment on the device (--device-aug): tensor ports of the Pillow ops above, for the GPU
+# ==================================================================================================
+
 # --device-aug: the same ops on the batch, on its device. The workers draw the primitives (as
 # above, same RNG calls) and send them with the uint8 image; device_augment applies them to the
 # whole batch as Pillow computes them: the same sampling positions, taps, float precision,
@@ -1119,149 +1269,6 @@ DEVICE_OPS = {  # the primitives besides affine: (uint8 images, their arguments)
     "contrast": _contrast,
     "sharpness": lambda x, a: _blend(_smooth(x), x, a[:, 0]),
 }
-
-
-# Random erasing (Zhong et al. 2017): timm's on the device, tv's constant-value variant
-
-def random_erasing(x, prob, count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
-                   mode="pixel"):
-    """timm RandomErasing as its PrefetchLoader applies it (--reprob, --recount, --remode): in
-    place on the normalised float NCHW batch, on the batch's device. Geometry from python's
-    `random` and the noise from torch on the batch's device, call for call as timm, so the same
-    seeds give the same pixels. count > 1 is timm's max_count: each erased image gets
-    randint(1, count) boxes, each of 1/boxes of the sampled area."""
-    if prob <= 0:  # timm builds no RandomErasing then, so draws nothing
-        return x
-    if mode not in ("pixel", "rand", "const"):
-        raise ValueError(f"random erasing mode {mode!r} is not 'pixel', 'rand' or 'const'")
-    n, channels, height, width = x.shape
-    area = height * width
-    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    for i in range(n):
-        if random.random() > prob:
-            continue
-        boxes = random.randint(1, count) if count > 1 else 1  # timm: min_count 1, no draw at 1
-        for _ in range(boxes):
-            for _ in range(10):
-                target_area = random.uniform(min_area, max_area) * area / boxes
-                aspect = math.exp(random.uniform(*log_aspect))
-                h = int(round(math.sqrt(target_area * aspect)))
-                w = int(round(math.sqrt(target_area / aspect)))
-                if w < width and h < height:
-                    top = random.randint(0, height - h)
-                    left = random.randint(0, width - w)
-                    if mode == "const":
-                        x[i, :, top:top + h, left:left + w] = 0
-                    else:
-                        shape = (channels, h, w) if mode == "pixel" else (channels, 1, 1)
-                        x[i, :, top:top + h, left:left + w] = torch.empty(
-                            shape, dtype=x.dtype, device=x.device).normal_()
-                    break
-    return x
-
-
-def tv_random_erasing(x, prob, value=0.0, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
-    """tv's RandomErasing (references/classification: p = --random-erase, value 0, after
-    Normalize), on the whole normalised batch on its device, in place. Per image the same torch
-    CPU draws as tv's forward + get_params, so a batch erased here with torch seeded equals tv's
-    transform applied image by image after the same seed. One box at most; an image where no
-    sampled box fits in 10 tries is left alone, as tv does."""
-    if prob <= 0:  # tv's preset adds no RandomErasing then
-        return x
-    height, width = x.shape[-2:]
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))  # float32, as tv: the bounds are rounded alike
-    if isinstance(value, (int, float)):
-        fill = float(value)
-    else:
-        fill = torch.tensor(value, dtype=x.dtype, device=x.device)[:, None, None]
-    for i in range(x.shape[0]):
-        if not torch.rand(1) < prob:
-            continue
-        for _ in range(10):
-            erase_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-            h = int(round(math.sqrt(erase_area * aspect)))
-            w = int(round(math.sqrt(erase_area / aspect)))
-            if h < height and w < width:
-                top = int(torch.randint(0, height - h + 1, size=(1,)).item())
-                left = int(torch.randint(0, width - w + 1, size=(1,)).item())
-                x[i, :, top:top + h, left:left + w] = fill
-                break
-    return x
-
-
-# Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): timm's Mixup in 'batch' mode, tv's
-# RandomMixup / RandomCutmix
-
-def smooth_one_hot(target, num_classes, smoothing=0.0):
-    """Off value s / C, on value 1 - s + s / C (timm's one_hot in mixup_target)."""
-    off = smoothing / num_classes
-    y = torch.full((target.shape[0], num_classes), off, device=target.device)
-    return y.scatter_(1, target.long().view(-1, 1), 1.0 - smoothing + off)
-
-
-def mix_params(rng, mixup, cutmix, switch_prob=0.5):
-    """(lam, use_cutmix) for one batch: one of the two with probability switch_prob when both
-    are on, lam ~ Beta(alpha, alpha) (timm Mixup._params_per_batch, mode 'batch', prob 1)."""
-    if mixup > 0 and cutmix > 0:
-        use_cutmix = bool(rng.random() < switch_prob)
-    else:
-        use_cutmix = cutmix > 0
-    alpha = cutmix if use_cutmix else mixup
-    return float(rng.beta(alpha, alpha)), use_cutmix
-
-
-def cutmix_box(height, width, lam, cy, cx):
-    """Box of side ratio sqrt(1 - lam) centred at (cy, cx), clipped to the image; lam is
-    recomputed from the clipped area (timm rand_bbox + cutmix_bbox_and_lam, correct_lam).
-    timm 1.0 spans exactly cut_h rows; the 2021 timm of the RSB runs spanned 2 * (cut_h // 2),
-    one row fewer for an odd cut_h. We follow the current code, whose box matches the paper."""
-    ratio = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * ratio), int(width * ratio)
-    yl, yh = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
-    xl, xh = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
-    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
-
-
-def cutmix_box_tv(height, width, lam, cy, cx):
-    """tv's RandomCutmix box: half-sides int(0.5 sqrt(1 - lam) * side) around (cy, cx),
-    clipped, lam recomputed from the clipped area."""
-    r = 0.5 * math.sqrt(1.0 - lam)
-    half_h, half_w = int(r * height), int(r * width)
-    yl, yh = max(cy - half_h, 0), min(cy + half_h, height)
-    xl, xh = max(cx - half_w, 0), min(cx + half_w, width)
-    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(height * width)
-
-
-def mix_batch(x, target, num_classes, lam, box=None, smoothing=0.0, partner="flip"):
-    """Mix each sample with a partner in place, soft targets to match. timm's partner of
-    sample i is N-1-i (the batch flipped: an odd batch mixes its middle sample with itself);
-    tv's is i-1 (the batch rolled by one)."""
-    def other(t):
-        return t.flip(0) if partner == "flip" else t.roll(1, 0)
-    if box is not None:
-        yl, yh, xl, xh = box
-        x[:, :, yl:yh, xl:xh] = other(x)[:, :, yl:yh, xl:xh]
-    elif lam != 1.0:
-        mixed = other(x).mul_(1.0 - lam)
-        x.mul_(lam).add_(mixed)
-    y = smooth_one_hot(target, num_classes, smoothing)
-    return x, y * lam + other(y) * (1.0 - lam)
-
-
-def mixup_cutmix(x, target, num_classes, mixup, cutmix, smoothing, rng, style="timm"):
-    """One of Mixup / CutMix for the batch (timm Mixup mode 'batch'; tv RandomChoice of its
-    RandomMixup / RandomCutmix, the same draw); label smoothing is applied before mixing,
-    which equals tv's smoothing inside the loss (both are linear)."""
-    lam, use_cutmix = mix_params(rng, mixup, cutmix)
-    box = None
-    if use_cutmix:
-        h, w = x.shape[-2:]
-        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-        box, lam = (cutmix_box if style == "timm" else cutmix_box_tv)(h, w, lam, cy, cx)
-    return mix_batch(x, target, num_classes, lam, box, smoothing,
-                     "flip" if style == "timm" else "roll")
 
 
 # ==================================================================================================
