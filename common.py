@@ -1417,10 +1417,10 @@ def param_groups(model, weight_decay):
     return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
 
 
-CPU_CHUNK = 2 ** 20  # elements per multi-tensor op on the CPU, see _batches
+CPU_CHUNK = 2 ** 20  # elements per multi-tensor op on the CPU, see param_slices
 
 
-def _batches(params):
+def param_slices(params):
     """The slices of `params` to run each multi-tensor op on: all at once on a GPU (one kernel
     per op for the whole model), slices of about a million elements on the CPU, whose
     temporaries then stay in cache and in malloc's free lists (10-15% faster there on a
@@ -1453,7 +1453,31 @@ def _adam_moments(m, v, grads, beta1, beta2, sqrt_bc2, eps):
     return denom
 
 
-class Lamb(torch.optim.Optimizer):
+class _SlicedOptimizer(torch.optim.Optimizer):
+    """The shared step of LAMB, RMSpropTF and AdamP: _begin() once (LAMB's global clip), then
+    per param group the tensors with a gradient, in the slices of param_slices, go to the
+    subclass's _update(params, group)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._begin()
+        for group in self.param_groups:
+            for params in param_slices([p for p in group["params"] if p.grad is not None]):
+                self._update(params, group)
+        return loss
+
+    def _begin(self):
+        pass
+
+    def _update(self, params, group):
+        raise NotImplementedError
+
+
+class Lamb(_SlicedOptimizer):
     """timm.optim.Lamb: Adam moments with bias correction, the whole gradient first clipped to
     global norm `max_grad_norm`, then a per-tensor trust ratio ||w|| / ||update|| for tensors
     with weight decay (1 where either norm is 0)."""
@@ -1463,23 +1487,19 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, max_grad_norm=max_grad_norm))
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _begin(self):
+        """The global-norm clip factor over every group's gradients; a step for each group."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        clip = None
-        if self.defaults["max_grad_norm"] is not None:
+        self._clip = None
+        if grads and self.defaults["max_grad_norm"] is not None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            clip = (norm / self.defaults["max_grad_norm"]).clamp_(min=1.0)
+            self._clip = (norm / self.defaults["max_grad_norm"]).clamp_(min=1.0)
         for group in self.param_groups:
-            if not any(p.grad is not None for p in group["params"]):
-                continue
-            group["step"] = group.get("step", 0) + 1
-            for params in _batches([p for p in group["params"] if p.grad is not None]):
-                self._update(params, group, clip)
+            if any(p.grad is not None for p in group["params"]):
+                group["step"] = group.get("step", 0) + 1
 
-    def _update(self, params, group, clip):
+    def _update(self, params, group):
+        clip = self._clip
         beta1, beta2 = group["betas"]
         bc1, bc2 = 1 - beta1 ** group["step"], 1 - beta2 ** group["step"]
         g = [p.grad for p in params]
@@ -1553,25 +1573,6 @@ def _per_tensor(values, tensors):
     for v, t in zip(values.split([_units(t.shape) for t in tensors]), tensors):
         out.append(v.view((-1,) + (1,) * (t.ndim - 1)) if t.ndim > 1 else v.view(()))
     return out
-
-
-class _SlicedOptimizer(torch.optim.Optimizer):
-    """step(): per param group, the tensors with a gradient, in the slices of _batches, go to
-    the subclass's _update(params, group)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for params in _batches([p for p in group["params"] if p.grad is not None]):
-                self._update(params, group)
-        return loss
-
-    def _update(self, params, group):
-        raise NotImplementedError
 
 
 class RMSpropTF(_SlicedOptimizer):

@@ -142,7 +142,7 @@ def test_image_folder_passes_the_undecoded_file(tmp_path):
 @pytest.mark.parametrize("opt", ["lamb", "rmsproptf", "adamp", "sgd"])
 def test_cpu_slices_give_the_same_steps(opt, monkeypatch):
     """On the CPU the optimizers run their multi-tensor ops on slices of the parameters
-    (_batches); slices of a few tensors must give exactly the steps of one whole-model slice
+    (param_slices); slices of a few tensors must give exactly the steps of one whole-model slice
     (LAMB's global gradient norm, AdamP's per-tensor projection and AGC included)."""
     recipe = dict(opt=opt, lr=0.01, weight_decay=0.05, wd_groups="timm", opt_eps=None,
                   opt_betas=None, momentum=0.9, nesterov=True)
@@ -151,7 +151,7 @@ def test_cpu_slices_give_the_same_steps(opt, monkeypatch):
         monkeypatch.setattr(common, "CPU_CHUNK", chunk)
         torch.manual_seed(0)
         model = common.create_model("resnet18", num_classes=7)
-        assert len(common._batches(list(model.parameters()))) == (1 if chunk > 2 ** 30 else 52)
+        assert len(common.param_slices(list(model.parameters()))) == (1 if chunk > 2 ** 30 else 52)
         optimizer = common.create_optimizer(model, recipe)
         for step in range(3):
             torch.manual_seed(step)
