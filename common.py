@@ -93,7 +93,7 @@ DEFAULTS = dict(
     mixup_style="timm",         # timm (flipped partner, erase after mixing) | tv (rolled, before)
     reprob=0.0,                 # random erasing probability; 0: off
     recount=1,                  # erased boxes per image, 1 to recount (timm max_count)
-    remode="pixel",             # pixel (timm: normal noise) | const (tv's RandomErasing: zeros)
+    remode="pixel",             # pixel (timm's erasing: normal noise) | tv (its RandomErasing: 0)
     ema_decay=None,             # EMA of the weights; None: off
     ema_every=1,                # an EMA update every n optimizer steps
     ema_style="timm",           # timm (fixed decay) | tv (adjusted decay, warmup copies) | tf
@@ -2272,7 +2272,7 @@ def augment_batch(images, target, recipe, num_classes, mix_rng):
     def erase(x):
         if recipe["reprob"] and recipe["remode"] == "pixel":
             random_erasing(x, recipe["reprob"], recipe["recount"])
-        elif recipe["reprob"]:
+        elif recipe["reprob"]:  # remode "tv"
             tv_random_erasing(x, recipe["reprob"])
 
     def mix(x, y):
@@ -2983,9 +2983,9 @@ def resolve(recipe):
                                  and isinstance(clip.get("value"), (int, float))):
         raise UserError(f"--clip {json.dumps(clip)}: expected null or "
                         '{"mode": "agc" or "norm", "value": number}')
-    if recipe.get("remode", "pixel") not in ("pixel", "const"):
+    if recipe.get("remode", "pixel") not in ("pixel", "tv"):
         raise UserError(f"--remode {recipe['remode']!r}: expected \"pixel\" (timm's erasing with "
-                        "normal noise) or \"const\" (tv's RandomErasing, value 0)")
+                        "normal noise) or \"tv\" (tv's RandomErasing, value 0)")
     if recipe.get("auto_augment") and recipe["auto_augment"] != "ta_wide":
         parse_rand_augment(recipe["auto_augment"])  # a typo fails now, not after data loading
     return recipe

@@ -41,7 +41,7 @@ RECIPE = dict(
     cutmix=1.0,                           # blog
     mixup_style="tv",                     # tv: partner = batch rolled by one, tv's CutMix box
     reprob=0.1,                           # blog: --random-erase 0.1
-    remode="const",                       # tv RandomErasing(value=0): the mean after Normalize
+    remode="tv",                          # tv RandomErasing(value=0): the mean after Normalize
     ema_decay=0.99998,                    # blog: --model-ema-decay, before tv's adjustment
     ema_every=32,                         # blog: --model-ema-steps 32
     ema_style="tv",                       # tv: decay adjusted to batch and epochs, copies

@@ -479,7 +479,7 @@ def test_batch_augmentation_order(style):
     """The engine's order: timm mixes (collate function) and then erases (its prefetcher), so an
     erased box holds pure noise; tv erases each image (transforms) and then mixes. Replayed by
     hand with the same seeds: equal to one order and not to the other."""
-    recipe = dict(reprob=1.0, remode="pixel" if style == "timm" else "const", recount=1,
+    recipe = dict(reprob=1.0, remode="pixel" if style == "timm" else "tv", recount=1,
                   mixup=0.5, cutmix=0.0, label_smoothing=0.1, mixup_style=style)
     x0 = normalised_batch(6, 20, 24, seed=3)
     y0 = torch.arange(6) % 4
