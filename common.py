@@ -365,6 +365,8 @@ def create_model(name, num_classes=1000, dropout=0.0, drop_path=0.0, zero_init_l
                   **options)
 
 
+# Other codes' weights: which ResNet a torchvision / timm state dict is, and loading it
+
 def model_name_from_state_dict(sd):
     """Which of MODELS a ResNet state dict (ours, torchvision's, timm's) belongs to: the one with
     exactly its keys and shapes, whatever the number of classes."""
