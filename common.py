@@ -3,9 +3,9 @@ schedule, training loop, evaluation, checkpoints and the command line.
 
 DEFAULTS (every recipe key) comes first; then the sections follow the data: model -> data ->
 augment (-> its device port) -> sampler -> loss -> optim -> schedule -> EMA -> engine -> demo
-data -> CLI -> the README's recipe table. Each ingredient says where its behaviour comes from: "timm" is
-pytorch-image-models (the code the ResNet strikes back numbers were produced with), "tv" is
-torchvision's references/classification, "RSB" is the ResNet strikes back paper.
+data -> CLI -> the README's recipe table. Each ingredient says where its behaviour comes from:
+"timm" is pytorch-image-models (the code the ResNet strikes back numbers were produced with),
+"tv" is torchvision's references/classification, "RSB" is the ResNet strikes back paper.
 """
 import argparse
 import contextlib
@@ -46,8 +46,9 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback."""
 
 
-# Every recipe key, at its "off" value. A recipe script lists only what its recipe sets (and the
-# zeros its paper states); --print-recipe shows them all, resolved. "timm" / "tv" name the
+# Every recipe key at its default: "off" for an ingredient (0, None), the timm behaviour for a
+# choice. A recipe script lists only what its recipe sets (and the zeros its paper states);
+# --print-recipe shows them all, resolved. "timm" / "tv" name the
 # reference implementation a choice follows.
 DEFAULTS = dict(
     recipe=None,                # the recipe's name (a1 ... rs); every script sets it
@@ -58,29 +59,30 @@ DEFAULTS = dict(
     train_size=224,             # side of the random resized crop
     eval_size=224,              # side of the evaluation center crop
     crop_pct=None,              # timm: resize to floor(eval_size / crop_pct) before the crop
-    eval_resize=None,           # tv: the short side before the crop (derived from crop_pct)
+    eval_resize=None,           # tv: the short side before the crop; None: from crop_pct, and
+                                # when set, crop_pct is derived from it
     interpolation="bilinear",   # resampling of train crops and eval resize
     opt=None,                   # lamb | rmsproptf | sgd | adamp; every script sets it
     lr=None,                    # peak lr for batch_size; every script sets it
-    weight_decay=0.0,
+    weight_decay=0.0,           # L2 in the gradient (SGD, RMSpropTF) or decoupled (LAMB, AdamP)
     wd_groups="timm",           # who skips decay: timm (all ndim <= 1) | tv (norm layers only)
     momentum=None,              # SGD / RMSpropTF momentum
-    nesterov=None,              # SGD: Nesterov momentum
+    nesterov=None,              # Nesterov momentum: SGD; AdamP's is on unless False
     opt_eps=None,               # optimizer epsilon (None: the optimizer's own)
     opt_betas=None,             # Adam-family betas
     sched="cosine",             # cosine | step
-    sched_per_step=False,       # lr updated every step (tv, RS), not once an epoch (timm)
+    sched_per_step=False,       # lr updated every step (RS), not once an epoch (timm, tv)
     warmup_lr=None,             # timm: the warmup starts at this lr
     warmup_factor=None,         # tv: the warmup starts at lr x this
     warmup_prefix=False,        # the decay starts after the warmup (tv, RS), not at epoch 0
     min_lr=None,                # the cosine's floor (None: 0)
     decay_rate=None,            # step: lr x decay_rate every decay_epochs
     decay_epochs=None,
-    lr_noise=None,              # timm: lr noise over [start, end] fractions of the epochs
+    lr_noise=None,              # timm: lr noise in epochs [start, end) x epochs, never epoch 0
     lr_noise_pct=0.67,          # timm: noise n ~ N(0, std) redrawn until |n| < pct
     lr_noise_std=1.0,
     loss="ce",                  # ce | bce
-    label_smoothing=0.0,
+    label_smoothing=0.0,        # CE and BCE; applied to the targets before Mixup/CutMix
     bce_target_thresh=None,     # timm BCE: targets above it become 1
     dropout=0.0,                # before the classifier
     drop_path=0.0,              # stochastic depth, the last block's rate
@@ -90,18 +92,23 @@ DEFAULTS = dict(
     auto_augment=None,          # timm's "rand-..." RandAugment, or "ta_wide" (tv)
     mixup=0.0,                  # Mixup alpha; 0: off
     cutmix=0.0,                 # CutMix alpha; 0: off
-    mixup_style="timm",         # timm (flipped partner, erase after mixing) | tv (rolled, before)
+    mixup_style="timm",         # timm: flipped partner, its CutMix box, erase after mixing |
+                                # tv: rolled partner, its box, erase before
     reprob=0.0,                 # random erasing probability; 0: off
-    recount=1,                  # erased boxes per image, 1 to recount (timm max_count)
+    recount=1,                  # pixel erasing: 1 to recount boxes an image (timm max_count)
     remode="pixel",             # pixel (timm's erasing: normal noise) | tv (its RandomErasing: 0)
     ema_decay=None,             # EMA of the weights; None: off
     ema_every=1,                # an EMA update every n optimizer steps
-    ema_style="timm",           # timm (fixed decay) | tv (adjusted decay, warmup copies) | tf
-    amp=False,                  # mixed precision on CUDA
+    ema_style="timm",           # timm: fixed decay | tv: decay adjusted to batch and epochs,
+                                # copies in warmup | tf: min(decay, (1 + n) / (10 + n)) (RS)
+    amp=False,                  # autocast on CUDA (bf16 or fp16); --amp-dtype overrides it
     paper_top1=None,            # the published top-1 and where it is published
     top1_source=None,
 )
 REQUIRED = ("recipe", "model", "epochs", "batch_size", "opt", "lr")
+CHOICES = dict(opt=("lamb", "rmsproptf", "sgd", "adamp"), wd_groups=("timm", "tv"),
+               sched=("cosine", "step"), loss=("ce", "bce"), mixup_style=("timm", "tv"),
+               ema_style=("timm", "tv", "tf"))  # a typo is an error, never a silent default
 
 
 def full_recipe(recipe):
@@ -933,7 +940,8 @@ def trivial_augment(img, resample=Image.BILINEAR, fill=None):
     return trivial_augment_op(img, *trivial_augment_draw(), resample, fill)
 
 
-# Random erasing (Zhong et al. 2017): timm's on the device, tv's constant-value variant
+# Random erasing (Zhong et al. 2017): timm's on the device, tv's constant-value variant (reprob,
+# recount, remode; augment_batch in the engine picks one and its order with Mixup/CutMix)
 
 def random_erasing(x, prob, count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
                    mode="pixel"):
@@ -1004,7 +1012,7 @@ def tv_random_erasing(x, prob, value=0.0, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
 
 
 # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): timm's Mixup in 'batch' mode, tv's
-# RandomMixup / RandomCutmix
+# RandomMixup / RandomCutmix (mixup, cutmix, mixup_style; called from augment_batch)
 
 def smooth_one_hot(target, num_classes, smoothing=0.0):
     """Off value s / C, on value 1 - s + s / C (timm's one_hot in mixup_target)."""
@@ -1753,7 +1761,8 @@ def head_excluded(model):
 
 
 # ==================================================================================================
-# Weight-decay groups as torchvision's references, and the optimizer factory
+# The optimizer factory (opt, lr, weight_decay, wd_groups, momentum, nesterov, opt_eps,
+# opt_betas): tv's weight-decay groups beside timm's param_groups above
 # ==================================================================================================
 
 # tv references/classification/utils.py set_weight_decay: its default norm_classes
@@ -1900,6 +1909,7 @@ def lr_at(t, recipe, noise_seed=0):
 
 # ==================================================================================================
 # EMA of the weights: timm ModelEmaV3, tv's AveragedModel recipe, TF ExponentialMovingAverage
+# (ema_decay / ema_style here; the run makes it in wrap_model and updates it in train_step)
 # ==================================================================================================
 
 def tv_ema_decay(decay, world, batch_per_gpu, every, epochs):
@@ -2730,7 +2740,7 @@ def train_step(run, images, target, epoch, step):
         scaler.step(optimizer)  # skipped by fp16's scaler when a gradient is not finite
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        # tv: EMA after every ema_every-th update of the epoch, copied during warmup
+        # the EMA after every ema_every-th update of the epoch; tv's copies it in the warmup
         if run.ema is not None and step // run.accum % recipe["ema_every"] == 0:
             run.ema.update(model, copy=recipe["ema_style"] == "tv"
                            and epoch < recipe["warmup_epochs"])
@@ -2985,6 +2995,10 @@ def resolve(recipe):
                                  and isinstance(clip.get("value"), (int, float))):
         raise UserError(f"--clip {json.dumps(clip)}: expected null or "
                         '{"mode": "agc" or "norm", "value": number}')
+    for key, choices in CHOICES.items():
+        if key in recipe and recipe[key] not in choices:
+            raise UserError(f"--{key.replace('_', '-')} {recipe[key]!r}: expected one of "
+                            + ", ".join(map(repr, choices)))
     if recipe.get("remode", "pixel") not in ("pixel", "tv"):
         raise UserError(f"--remode {recipe['remode']!r}: expected \"pixel\" (timm's erasing with "
                         "normal noise) or \"tv\" (tv's RandomErasing, value 0)")

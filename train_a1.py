@@ -7,7 +7,7 @@ Published: ResNet-50, 80.4% top-1 on ImageNet-1k val (85.7 ReaL, 68.7 V2), RSB T
     python train_a1.py --demo          # a few minutes on a CPU, generated data
 
 Any key can be overridden: `--lr 4e-3 --epochs 12`. The recipe below lists what it sets; every
-other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T2" = Table 2 of the
+other key is at its default (common.DEFAULTS, shown by --print-recipe). "RSB T2" = Table 2 of the
 paper, "timm" = the reference code the published number came from.
 """
 from common import main

@@ -7,7 +7,7 @@ Published: ResNet-50, 79.4% top-1 on ImageNet-1k val (EMA weights), RSB Table 10
     python train_b.py --demo           # a few minutes on a CPU, generated data
 
 Any key can be overridden: `--lr 0.09 --epochs 12`. The recipe below lists what it sets; every
-other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
+other key is at its default (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
 the paper, "timm" = the reference code (train.py, optim/rmsprop_tf.py) the published number came
 from.
 """

@@ -9,7 +9,7 @@ C2 (repeated augmentation, AGC 0.05) is the default; `--variant c1` trains C1.
     python train_c.py --demo           # a few minutes on a CPU, generated data
 
 Any key can be overridden: `--lr 0.44 --epochs 12`. The recipe below lists what it sets; every
-other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
+other key is at its default (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
 the paper, "timm" = the reference code (train.py, utils/agc.py) the published number came from.
 """
 from common import main

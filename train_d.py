@@ -7,7 +7,7 @@ Published: ResNet-50, 79.8% top-1 on ImageNet-1k val, RSB Table 10.
     python train_d.py --demo           # a few minutes on a CPU, generated data
 
 Any key can be overridden: `--lr 0.002 --epochs 12`. The recipe below lists what it sets; every
-other key is at its off value (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
+other key is at its default (common.DEFAULTS, shown by --print-recipe). "RSB T10" = Table 10 of
 the paper, "timm" = the reference code (train.py, optim/adamp.py) the published number came from.
 """
 from common import main

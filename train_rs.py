@@ -9,7 +9,7 @@ Table 8 row (TABLE8 below; any of them can still be overridden).
     python train_rs.py --demo          # a few minutes on a CPU, generated data
 
 Any key can be overridden (`--epochs 100`); the recipe below lists what it sets, every other key
-is at its off value (common.DEFAULTS, shown by --print-recipe). "RS T8" = Table 8 of the paper.
+is at its default (common.DEFAULTS, shown by --print-recipe). "RS T8" = Table 8 of the paper.
 The paper's code is TensorFlow on TPUs; where it is silent we say what we chose.
 """
 from common import main

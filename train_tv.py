@@ -7,7 +7,7 @@ Published: ResNet-50, 80.858% top-1 on ImageNet-1k val with the EMA weights (the
     python train_tv.py --demo          # a few minutes on a CPU, generated data
 
 Any key can be overridden: `--lr 0.25 --epochs 12`. The recipe below lists what it sets; every
-other key is at its off value (common.DEFAULTS, shown by --print-recipe). "blog" = the post above,
+other key is at its default (common.DEFAULTS, shown by --print-recipe). "blog" = the post above,
 "tv" = torchvision's references/classification (train.py, presets.py, utils.py), the code of the
 number.
 """
@@ -51,7 +51,7 @@ RECIPE = dict(
     top1_source="TorchVision blog",
 )
 
-# --demo: ResNet-18 on the generated 8-class shapes at 48 px (eval 56 -> 48 as 232 -> 224), lr
+# --demo: ResNet-18 on the generated 8-class shapes at 48 px (eval 50 -> 48 as 232 -> 224), lr
 # scaled linearly to batch 32, EMA every step so that 30 short epochs move it
 DEMO = dict(model="resnet18", epochs=30, warmup_epochs=1, batch_size=32, lr=0.5 * 32 / 1024,
             train_size=48, eval_size=48, eval_resize=50, ema_every=1)

@@ -53,6 +53,8 @@ def test_overrides_and_types():
     (["--mixupp", "0.2"], "did you mean --mixup"),
     (["--auto-augment", "rand-m6-x9"], "cannot parse"),
     (["--remode", "rand"], "expected \"pixel\""),
+    (["--loss", "bcee"], "--loss 'bcee': expected one of 'ce', 'bce'"),
+    (["--ema-style", "v3"], "expected one of 'timm', 'tv', 'tf'"),
 ])
 def test_bad_overrides_raise_user_error(argv, needle, tmp_path):
     with pytest.raises(common.UserError, match=needle):
