@@ -2027,7 +2027,7 @@ def setup_device(device_arg):
     return device, rank, world
 
 
-def batch_plan(batch_size, world, device_batch=None, accum_steps=None):
+def split_batch(batch_size, world, device_batch=None, accum_steps=None):
     """(per-device batch, accumulation steps, effective global batch). The effective batch
     can fall short of `batch_size` when the world size does not divide it; lr then scales."""
     if accum_steps is None:
@@ -2481,7 +2481,7 @@ def train(recipe, args):
     run.log = print if run.rank == 0 else (lambda *a, **k: None)
     plan_batch(run, recipe)   # per-device batch, accumulation; lr scaled to the global batch
     make_data(run)            # datasets, samplers, loaders, steps an epoch
-    make_model(run)           # model, optimizer, grad scaler, precision, memory format
+    make_model(run)           # model, optimizer, grad scaler, precision, loss function
     resume(run)               # where to start: --resume's checkpoint, or the beginning
     open_run_folder(run)      # recipe.json, provenance.json, metrics.jsonl up to the start
     wrap_model(run)           # DDP, the EMA (after DDP's broadcast), torch.compile
@@ -2504,7 +2504,7 @@ def linear_lr(recipe, batch, why):
 
 
 def plan_batch(run, recipe):
-    per_device, accum, effective = batch_plan(recipe["batch_size"], run.world,
+    per_device, accum, effective = split_batch(recipe["batch_size"], run.world,
                                               run.args.device_batch, run.args.accum_steps)
     if effective != recipe["batch_size"]:
         recipe, note = linear_lr(recipe, effective,
@@ -2630,24 +2630,30 @@ def open_run_folder(run):
 
 
 def wrap_model(run):
-    recipe, model = run.recipe, run.model
-    run.ddp_model = model
+    run.ddp_model = run.model
     if run.world > 1:  # DDP broadcasts rank 0's weights and buffers here
         run.ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    run.ema = None
-    if recipe["ema_decay"]:  # made from the weights every rank trains, after the broadcast
-        decay = recipe["ema_decay"]
-        if recipe["ema_style"] == "tv":
-            decay = tv_ema_decay(decay, run.world, run.per_device, recipe["ema_every"],
-                                 recipe["epochs"])
-            run.log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
-        run.ema = EMA(model, decay, tf_warmup=recipe["ema_style"] == "tf",
-                      copy_first=recipe["ema_style"] == "tv")
-        if run.ckpt is not None and run.ckpt.get("ema"):
-            run.ema.load_state_dict(run.ckpt["ema"])
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    make_ema(run)
     if run.args.compile:
         run.ddp_model = torch.compile(run.ddp_model)
+
+
+def make_ema(run):
+    """The EMA of the recipe's style, from the weights every rank trains (so after DDP's
+    broadcast), with the checkpoint's state when resuming."""
+    recipe, run.ema = run.recipe, None
+    if not recipe["ema_decay"]:
+        return
+    decay = recipe["ema_decay"]
+    if recipe["ema_style"] == "tv":
+        decay = tv_ema_decay(decay, run.world, run.per_device, recipe["ema_every"],
+                             recipe["epochs"])
+        run.log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
+    run.ema = EMA(run.model, decay, tf_warmup=recipe["ema_style"] == "tf",
+                  copy_first=recipe["ema_style"] == "tv")
+    if run.ckpt is not None and run.ckpt.get("ema"):
+        run.ema.load_state_dict(run.ckpt["ema"])
 
 
 def train_epoch(run, epoch, first):

@@ -82,13 +82,13 @@ def test_empty_data_folder_is_one_line_error(tmp_path):
     assert out.stderr.strip().count("\n") == 0
 
 
-def test_batch_plan():
-    assert common.batch_plan(2048, 4) == (512, 1, 2048)
-    assert common.batch_plan(2048, 4, device_batch=128) == (128, 4, 2048)
-    assert common.batch_plan(2048, 3, device_batch=256) == (227, 3, 2043)  # lr scales by 2043/2048
-    assert common.batch_plan(2048, 8, accum_steps=2) == (128, 2, 2048)
+def test_split_batch():
+    assert common.split_batch(2048, 4) == (512, 1, 2048)
+    assert common.split_batch(2048, 4, device_batch=128) == (128, 4, 2048)
+    assert common.split_batch(2048, 3, device_batch=256) == (227, 3, 2043)  # lr scales by 2043/2048
+    assert common.split_batch(2048, 8, accum_steps=2) == (128, 2, 2048)
     with pytest.raises(common.UserError):
-        common.batch_plan(4, 8)
+        common.split_batch(4, 8)
 
 
 def test_batch_size_override_scales_lr_unless_lr_given_too():
