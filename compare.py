@@ -239,7 +239,7 @@ def describe(values):
 def report(name, results):
     ours, ref = results["ours"], results["reference"]
     seeds = ", ".join(str(s) for s in results["seeds"])
-    lines = [f"{name}: {len(ours)} seeds a side (seeds {seeds}, the same numbers on both sides)",
+    lines = [f"{name}: {len(ours)} seeds a side ({seeds}, the same numbers on both sides)",
              "| | final top-1 | best top-1 | wall time |", "|---|---|---|---|"]
     for side, runs in (("ours", ours), ("reference", ref)):
         lines.append(f"| {side} | {describe([r['final'] for r in runs])} | "
@@ -272,6 +272,9 @@ def main(argv=None):
     p.add_argument("--reference", required=True, help="path of timm's train.py")
     p.add_argument("--seeds", type=int, default=8, help="seeds a side: 0..N-1 (default 8)")
     p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--seed-stride", type=int, default=1,
+                   help="seeds first, first + stride, ...: 1000 for B, whose timm LR noise is "
+                   "seeded with seed + epoch (seed s + 1 replays seed s's noise one epoch late)")
     p.add_argument("--workers", type=int, default=2, help="loader workers, both sides")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS, both sides")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -287,7 +290,7 @@ def main(argv=None):
     out = Path(args.out or f"runs/compare-{args.comparison}")
     import torch
     cuda = torch.cuda.is_available()
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    seeds = [args.first_seed + k * args.seed_stride for k in range(args.seeds)]
     results = dict(seeds=seeds, recipe=recipe, ours=[], reference=[])
     print(f"{args.comparison}: {script} {' '.join(flags)}\n  timm: {' '.join(timm_args(recipe))}")
     for seed in seeds:  # the two sides alternate, so that a slower machine hour hits both
