@@ -1418,15 +1418,6 @@ def binary_cross_entropy(logits, target, smoothing=0.0, target_thresh=None):
 # Optim: LAMB, RMSpropTF, AdamP, SGD (+ AGC) as timm's and tv's, multi-tensor
 # ==================================================================================================
 
-def param_groups(model, weight_decay):
-    """timm: no weight decay on biases and norm weights (ndim <= 1)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
-
-
 CPU_CHUNK = 2 ** 20  # elements per multi-tensor op on the CPU, see param_slices
 
 
@@ -1761,13 +1752,22 @@ def head_excluded(model):
 
 
 # ==================================================================================================
-# The optimizer factory (opt, lr, weight_decay, wd_groups, momentum, nesterov, opt_eps,
-# opt_betas): tv's weight-decay groups beside timm's param_groups above
+# Weight-decay groups, timm's and tv's side by side, and the optimizer factory (opt, lr,
+# weight_decay, wd_groups, momentum, nesterov, opt_eps, opt_betas)
 # ==================================================================================================
 
 # tv references/classification/utils.py set_weight_decay: its default norm_classes
 _TV_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
              torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
+
+
+def param_groups(model, weight_decay):
+    """timm: no weight decay on biases and norm weights (ndim <= 1)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
 
 
 def tv_param_groups(model, weight_decay, norm_weight_decay=0.0):
