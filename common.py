@@ -2117,25 +2117,52 @@ def unwrap(model):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, world=1):
+def evaluate(model, loader, device, amp_dtype=None, world=1, real=None):
     """top-1 / top-5 / CE loss; each rank sees a disjoint shard, sums are all-reduced, so the
-    numbers count every image exactly once."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    numbers count every image exactly once. `model` may be a list (eval.py: every checkpoint
+    on each batch, one decode), then a list of results comes back. `real`: (the shard's sample
+    indices in loader order, a ReaL label set per sample) adds real_top1 over the images whose
+    set is not empty."""
+    models = model if isinstance(model, (list, tuple)) else [model]
+    for m in models:
+        m.eval()
+    # per model: loss, top1, top5, count, ReaL correct, ReaL count
+    sums = torch.zeros(len(models), 6, dtype=torch.float64, device=device)
+    seen = 0
     for images, target in to_device(loader, device):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += F.cross_entropy(logits, target, reduction="sum")
-        sums[1] += (top[:, 0] == target).sum()
-        sums[2] += (top == target[:, None]).any(dim=1).sum()
-        sums[3] += target.numel()
+        sets = [real[1][i] for i in real[0][seen:seen + len(target)]] if real else None
+        seen += len(target)
+        for k, m in enumerate(models):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = m(images)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums[k, 0] += F.cross_entropy(logits, target, reduction="sum")
+            sums[k, 1] += (top[:, 0] == target).sum()
+            sums[k, 2] += (top == target[:, None]).any(dim=1).sum()
+            sums[k, 3] += target.numel()
+            if sets is not None:
+                sums[k, 4] += sum(p in s for p, s in zip(top[:, 0].tolist(), sets) if s)
+                sums[k, 5] += sum(1 for s in sets if s)
     if world > 1:
         dist.all_reduce(sums)
-    n = max(sums[3].item(), 1)
-    return dict(top1=100 * sums[1].item() / n, top5=100 * sums[2].item() / n,
-                loss=sums[0].item() / n, images=int(sums[3].item()))
+    out = []
+    for loss, top1, top5, count, real_ok, real_n in sums.tolist():
+        n = max(count, 1)
+        result = dict(top1=100 * top1 / n, top5=100 * top5 / n, loss=loss / n, images=int(count))
+        if real:
+            result.update(real_top1=100 * real_ok / max(real_n, 1), real_images=int(real_n))
+        out.append(result)
+    return out if isinstance(model, (list, tuple)) else out[0]
+
+
+def gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...]: a collective when world > 1."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def average_bn_stats(model, world):
@@ -2608,10 +2635,7 @@ def resume(run):
 def open_run_folder(run):
     """Rank 0 writes recipe.json, appends this start to provenance.json (the device names of
     every rank: a collective) and drops metrics rows past the checkpoint."""
-    names = [device_name(run.device)]
-    if run.world > 1:
-        names = [None] * run.world
-        dist.all_gather_object(names, device_name(run.device))
+    names = gather_objects(device_name(run.device), run.world)
     run.tensorboard, run.reported, run.last_save = None, set(), time.monotonic()
     if run.rank != 0:
         return
@@ -2660,7 +2684,8 @@ def train_epoch(run, epoch, first):
     """Steps `first`..steps-1 of the epoch. Returns this rank's sums (finite losses, non-finite
     ones, of them in a row, unreadable images); raises Stopped after a checkpoint when a
     signal asks; stops early on a non-finite loss (end_epoch raises)."""
-    args, device, recipe = run.args, run.device, run.recipe
+    args, device = run.args, run.device
+    save_every = (args.save_every_minutes or 0) * 60
     run.sampler.set_epoch(epoch, skip=first)  # the batches before `first` are not decoded
     run.ddp_model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -2688,7 +2713,6 @@ def train_epoch(run, epoch, first):
                 seen = (step + 1 - first) * run.per_device * run.world
                 bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.4f}", lr=f"{run.lr:.3g}",
                                 img_s=f"{seen / (time.perf_counter() - run.t0):.0f}")
-        save_every = (args.save_every_minutes or 0) * 60
         save_due = bool(save_every) and time.monotonic() - run.last_save >= save_every
         if (step + 1) % args.log_interval == 0:  # all ranks, the same steps: one sync
             bad, in_a_row, stop_asked, save_asked = poll_flags(
@@ -2817,10 +2841,7 @@ def end_epoch(run, epoch, first, sums):
 
 def report_skipped(run):
     """Name each unreadable image once a run (rank 0, from every rank's list: a collective)."""
-    lists = [run.skipped]
-    if run.world > 1:
-        lists = [None] * run.world
-        dist.all_gather_object(lists, run.skipped)
+    lists = gather_objects(run.skipped, run.world)
     for line in sorted({p for part in lists for p in part} - run.reported):
         run.log(f"warning: skipped unreadable image {line}")
         run.reported.add(line)

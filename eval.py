@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import common
 
@@ -138,33 +136,6 @@ def real_labels(path, dataset):
     return by_sample
 
 
-@torch.no_grad()
-def score(models, loader, indices, device, amp, world, real=None):
-    """Sums per model: loss, top-1, top-5, images, and ReaL (correct, images with labels);
-    each rank sees its shard `indices` in order, all ranks' sums are added."""
-    sums = torch.zeros(len(models), 6, dtype=torch.float64, device=device)
-    seen = 0
-    for images, target in common.to_device(loader, device):
-        batch = indices[seen:seen + len(target)]
-        seen += len(target)
-        for k, model in enumerate(models):
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(images).float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums[k, 0] += F.cross_entropy(logits, target, reduction="sum")
-            sums[k, 1] += (top[:, 0] == target).sum()
-            sums[k, 2] += (top == target[:, None]).any(dim=1).sum()
-            sums[k, 3] += target.numel()
-            if real is not None:
-                pred = top[:, 0].tolist()
-                sets = [real[i] for i in batch]
-                sums[k, 4] += sum(p in s for p, s in zip(pred, sets) if s)
-                sums[k, 5] += sum(1 for s in sets if s)
-    if world > 1:
-        dist.all_reduce(sums)
-    return sums.tolist()
-
-
 def run(args):
     device, rank, world = common.setup_device(args.device)
     data = Path(args.data)
@@ -193,17 +164,15 @@ def run(args):
         indices = list(range(rank, len(dataset), world))
         loader = common.make_loader(dataset, args.batch_size, args.workers, device, indices,
                                     False)
-        sums = score(models, loader, indices, device, amp, world, real)
-        for (path, model, name, weights, *_), (loss, top1, top5, n, real_ok, real_n) in zip(
-                entries, sums):
-            n = max(n, 1)
+        scores = common.evaluate(models, loader, device, amp, world,
+                                 real and (indices, real))
+        for (path, model, name, weights, *_), m in zip(entries, scores):
             result = dict(checkpoint=str(path), model=name, data=str(data), weights=weights,
                           eval_size=size, eval_resize=resize, interpolation=interpolation,
-                          top1=round(100 * top1 / n, 3), top5=round(100 * top5 / n, 3),
-                          loss=round(loss / n, 5), images=int(n))
+                          top1=round(m["top1"], 3), top5=round(m["top5"], 3),
+                          loss=round(m["loss"], 5), images=m["images"])
             if real is not None:
-                result.update(real_top1=round(100 * real_ok / max(real_n, 1), 3),
-                              real_images=int(real_n))
+                result.update(real_top1=round(m["real_top1"], 3), real_images=m["real_images"])
             results.append(result)
             if rank == 0:
                 print(json.dumps(result), flush=True)
