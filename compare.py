@@ -1,24 +1,26 @@
 """Side-by-side accuracy against the reference code: N seeds of one of our recipes and N of the
 reference train.py with the same settings, run one at a time; prints both distributions, the
 difference of the means with a 95% confidence interval, and the wall-time ratio. Run by hand,
-never in CI (README "Compared with timm's train.py" comes from it).
+never in CI (README "Compared with the reference code" comes from it).
 
     python compare.py digits /tmp/digits          # the README's data (needs scikit-learn)
     python compare.py a3 --data /tmp/digits --reference ~/pytorch-image-models/train.py --seeds 8
-    python compare.py d --data /tmp/digits --reference ~/pytorch-image-models/train.py --seeds 8
+    python compare.py tv --data /tmp/digits --reference ~/vision/references/classification/train.py
 
 A comparison is a recipe script plus the scaled-down overrides below (COMPARISONS); `--set KEY
 VALUE` adds or changes one. Our command line is resolved by the script's own parser, and that
-resolved recipe is translated into the reference's flags (timm_args), so both sides run the
-same numbers. Both runs of a seed go one after the other; finished runs are kept in --out and
+resolved recipe is translated into the reference's flags (timm_args, tv_args), so both sides run
+the same numbers. Both runs of a seed go one after the other; finished runs are kept in --out and
 not run again, so an interrupted comparison continues where it stopped.
 
-timm's train.py needs the timm package it was written for (pip install timm); its repository is
-https://github.com/huggingface/pytorch-image-models. Nothing of it is kept in this repo.
+The references: timm's train.py (https://github.com/huggingface/pytorch-image-models) for the
+timm recipes, run as it is; it needs the timm package it was written for (pip install timm).
+torchvision's references/classification/train.py (https://github.com/pytorch/vision, with its
+utils.py, presets.py, transforms.py and sampler.py beside it) for tv, run through tv_reference
+below, which seeds it and lets it run distributed on a CPU. Nothing of either is kept here.
 """
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -37,9 +39,12 @@ ROOT = Path(__file__).resolve().parent
 SMALL = dict(model="resnet18", train_size=32, eval_size=32, batch_size=64, warmup_epochs=1)
 COMPARISONS = {
     # issue 15: LAMB 4e-3 (the recipe's 8e-3 halved by hand, as in the first comparison)
-    "a3": ("train_a3.py", dict(SMALL, epochs=12, lr=4e-3, min_lr=1e-6, warmup_lr=1e-4)),
-    "b": ("train_b.py", dict(SMALL, epochs=15)),  # lr scaled linearly by the script
-    "d": ("train_d.py", dict(SMALL, epochs=15)),
+    "a3": ("timm", "train_a3.py", dict(SMALL, epochs=12, lr=4e-3, min_lr=1e-6, warmup_lr=1e-4)),
+    "b": ("timm", "train_b.py", dict(SMALL, epochs=15)),  # lr scaled linearly by the script
+    "d": ("timm", "train_d.py", dict(SMALL, epochs=15)),
+    # tv's train crop : eval crop : eval resize of 176 : 224 : 232, at 32 px. 30 epochs: at 15
+    # the runs are still taking off (top-1 34-72%) and the comparison has little power
+    "tv": ("tv", "train_tv.py", dict(SMALL, epochs=30, train_size=28, eval_resize=33)),
 }
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
@@ -75,14 +80,22 @@ def make_digits(root, size=32):
 
 
 # ==================================================================================================
-# Our recipe, resolved, and the same numbers as timm train.py flags
+# Our recipe, resolved, and the same numbers as timm or tv train.py flags
 # ==================================================================================================
 
 def resolved_recipe(script, argv):
-    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return common.parse_args(module.RECIPE, argv)[1]
+    """The recipe `script` trains with `argv`: the script runs as it would, its call of
+    common.main caught and handed to the same parser (variants and per-model values included)."""
+    import runpy
+    from unittest import mock
+    caught = {}
+
+    def catch(recipe, demo=None, argv=None, variants=None, by_model=None):
+        caught.update(recipe=recipe, variants=variants, by_model=by_model)
+    with mock.patch.object(common, "main", catch):
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    return common.parse_args(caught["recipe"], argv, variants=caught["variants"],
+                             by_model=caught["by_model"])[1]
 
 
 def timm_args(r):
@@ -137,6 +150,108 @@ def timm_args(r):
     return [str(v) for v in a]
 
 
+def tv_args(r):
+    """torchvision references train.py flags for `r` (its -b is per process: it runs as one)."""
+    def unsupported(what):
+        raise common.UserError(f"torchvision's train.py has no equivalent of {what}")
+    if not re.fullmatch(r"resnet\d+", r["model"]):
+        unsupported(f"model {r['model']} (torchvision's ResNets only)")
+    if r["opt"] != "sgd" or r["sched"] != "cosine" or r["sched_per_step"] or r["lr_noise"]:
+        unsupported("an optimizer but SGD, a schedule but cosine once an epoch, or LR noise")
+    if r["warmup_epochs"] and (r["warmup_factor"] is None or not r["warmup_prefix"]):
+        unsupported("a warmup from warmup_lr, or one that does not precede the cosine")
+    if r["loss"] != "ce" or r["dropout"] or r["drop_path"] or r["zero_init_last"]:
+        unsupported("BCE, dropout, drop path or zero-initialised last BN gammas")
+    if r["auto_augment"] not in (None, "ta_wide") or (r["clip"] or {}).get("mode") == "agc":
+        unsupported(f"augmentation {r['auto_augment']} or AGC")
+    if ((r["mixup"] or r["cutmix"]) and r["mixup_style"] != "tv"
+            or r["reprob"] and (r["remode"] != "tv" or r["recount"] != 1)
+            or r["ema_decay"] and r["ema_style"] != "tv"):
+        unsupported("timm's Mixup/CutMix, erasing or EMA")
+    a = ["--model", r["model"], "--epochs", r["epochs"], "-b", r["batch_size"],
+         "--train-crop-size", r["train_size"], "--val-crop-size", r["eval_size"],
+         "--val-resize-size", r["eval_resize"], "--interpolation", r["interpolation"],
+         "--opt", "sgd_nesterov" if r["nesterov"] else "sgd", "--lr", r["lr"],
+         "--momentum", r["momentum"] or 0, "--wd", r["weight_decay"],
+         "--norm-weight-decay", 0,  # both groupings exempt the norm layers
+         "--lr-scheduler", "cosineannealinglr", "--lr-min", r["min_lr"] or 0,
+         "--lr-warmup-epochs", r["warmup_epochs"], "--lr-warmup-method", "linear",
+         "--lr-warmup-decay", r["warmup_factor"] or 1, "--label-smoothing", r["label_smoothing"],
+         "--mixup-alpha", r["mixup"], "--cutmix-alpha", r["cutmix"],
+         "--random-erase", r["reprob"]]
+    if r["wd_groups"] == "timm":  # timm exempts every tensor of ndim <= 1: the biases too
+        a += ["--bias-weight-decay", 0]
+    if r["auto_augment"]:
+        a += ["--auto-augment", r["auto_augment"]]
+    if r["repeated_aug"]:
+        a += ["--ra-sampler", "--ra-reps", r["repeated_aug"]]
+    if r["clip"]:
+        a += ["--clip-grad-norm", r["clip"]["value"]]
+    if r["ema_decay"]:
+        a += ["--model-ema", "--model-ema-steps", r["ema_every"],
+              "--model-ema-decay", r["ema_decay"]]
+    return [str(v) for v in a]
+
+
+def tv_reference(argv):
+    """`compare.py tv-reference SEED TRAIN_PY ARGS...`: torchvision's train.py, seeded, as one
+    distributed process (its repeated-augmentation sampler exists only when distributed), on a
+    CPU where there is no GPU. The reference has no --seed and draws from unseeded generators;
+    this seeds Python, NumPy and torch with SEED, and gives its samplers (RASampler and
+    DistributedSampler, both seed + epoch with seed 0 by default, so every run would share its
+    data orders) a seed derived from SEED that does not collide across seeds. Its own code runs
+    unchanged."""
+    import random
+    import runpy
+    import socket
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.utils.data.distributed as data_dist
+    seed, train_py = int(argv[0]), Path(argv[1]).resolve()
+    sys.path.insert(0, str(train_py.parent))
+    import sampler  # tv's, next to its train.py
+    import utils
+    order_seed = int(np.random.SeedSequence([seed, common.SEED_ORDER]).generate_state(1)[0])
+
+    def seeded(cls):
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("seed", order_seed)
+            init(self, *args, **kwargs)
+        cls.__init__ = __init__
+    seeded(sampler.RASampler)
+    seeded(data_dist.DistributedSampler)
+    if not torch.cuda.is_available():  # tv's distributed code assumes NCCL and a GPU
+        torch.cuda.set_device = lambda device: None
+
+        def reduce_across_processes(value):  # utils' own, with its tensor on the CPU
+            t = torch.tensor(value)
+            dist.barrier()
+            dist.all_reduce(t)
+            return t
+        utils.reduce_across_processes = reduce_across_processes
+        init_group = dist.init_process_group
+        dist.init_process_group = lambda *a, **k: init_group(*a, **dict(k, backend="gloo"))
+        ddp = torch.nn.parallel.DistributedDataParallel
+
+        class CpuDDP(ddp):
+            def __init__(self, module, device_ids=None, **kwargs):
+                super().__init__(module, **kwargs)
+        torch.nn.parallel.DistributedDataParallel = CpuDDP
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    sys.argv = [str(train_py), *argv[2:]]
+    runpy.run_path(str(train_py), run_name="__main__")
+
+
 # ==================================================================================================
 # One run of each side: command, then its per-epoch results
 # ==================================================================================================
@@ -156,6 +271,13 @@ def timm_command(reference, recipe, data, seed, workers, out, cuda):
             "--output", str(out.parent), "--experiment", out.name, "--log-interval", "100000",
             "--checkpoint-hist", "1", "--device", "cuda" if cuda else "cpu", *amp,
             *timm_args(recipe)]
+
+
+def tv_command(reference, recipe, data, seed, workers, out, cuda):
+    amp = ["--amp"] if cuda and recipe["amp"] else []
+    return [sys.executable, str(ROOT / "compare.py"), "tv-reference", str(seed), str(reference),
+            "--data-path", data, "--device", "cuda" if cuda else "cpu", "-j", str(workers),
+            "--output-dir", str(out), "--print-freq", "100000", *amp, *tv_args(recipe)]
 
 
 def our_rows(out):
@@ -180,6 +302,25 @@ def timm_rows(out, log):
     return list(zip(plain, ema, lrs))
 
 
+TV_TEST = re.compile(r"^Test: (EMA)? ?Acc@1 ([\d.]+) Acc@5", re.M)
+TV_FIRST_STEP = re.compile(r"^Epoch: \[(\d+)\]\s+\[\s*0/\d+\].*?\blr: ([\d.e+-]+)", re.M)
+
+
+def tv_rows(out, log):
+    """The same from torchvision's log: each epoch's first step line (--print-freq larger than
+    an epoch prints only that one) carries the epoch's lr, each evaluation its top-1."""
+    plain, ema = [], []
+    for m in TV_TEST.finditer(log):
+        (ema if m.group(1) else plain).append(float(m.group(2)))
+    lrs = [float(m.group(2)) for m in TV_FIRST_STEP.finditer(log)]
+    ema = ema or [None] * len(plain)
+    return list(zip(plain, ema, lrs))
+
+
+REFERENCES = {"timm": (timm_args, timm_command, timm_rows),
+              "tv": (tv_args, tv_command, tv_rows)}
+
+
 def run_one(side, cmd, out, epochs, threads, parse):
     """Run one training (unless a finished one is in `out`) and return its result."""
     done = out / "compare-run.json"
@@ -199,6 +340,8 @@ def run_one(side, cmd, out, epochs, threads, parse):
         sys.exit(f"{side} failed (exit {proc.returncode}); its log: {out / 'compare-log.txt'}\n"
                  + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
     rows = parse(out, proc.stdout + proc.stderr)
+    for f in out.glob("model_*.pth"):  # tv keeps a checkpoint of every epoch: 15 x 90 MB a run
+        f.unlink()
     if len(rows) != epochs:
         sys.exit(f"{side}: {len(rows)} epochs in its results, expected {epochs} ({out})")
     top1 = [r[0] for r in rows]
@@ -265,11 +408,15 @@ def main(argv=None):
         if len(argv) != 2:
             sys.exit("usage: python compare.py digits DIR")
         return make_digits(argv[1])
+    if argv[:1] == ["tv-reference"]:
+        return tv_reference(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("comparison", choices=list(COMPARISONS))
     p.add_argument("--data", required=True, help="folder with train/ and val/")
-    p.add_argument("--reference", required=True, help="path of timm's train.py")
+    p.add_argument("--reference", required=True,
+                   help="path of timm's train.py, or of torchvision's references/classification/"
+                   "train.py for tv")
     p.add_argument("--seeds", type=int, default=8, help="seeds a side: 0..N-1 (default 8)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seed-stride", type=int, default=1,
@@ -283,7 +430,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.seeds < 2:
         p.error("--seeds: at least 2 a side, for a standard deviation")
-    script, overrides = COMPARISONS[args.comparison]
+    kind, script, overrides = COMPARISONS[args.comparison]
+    translate, reference_command, reference_rows = REFERENCES[kind]
     overrides = dict(overrides, **{k.replace("-", "_"): v for k, v in args.set})
     flags = [x for k, v in overrides.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     recipe = resolved_recipe(script, flags)
@@ -292,7 +440,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     seeds = [args.first_seed + k * args.seed_stride for k in range(args.seeds)]
     results = dict(seeds=seeds, recipe=recipe, ours=[], reference=[])
-    print(f"{args.comparison}: {script} {' '.join(flags)}\n  timm: {' '.join(timm_args(recipe))}")
+    print(f"{args.comparison}: {script} {' '.join(flags)}\n  {kind}: {' '.join(translate(recipe))}")
     for seed in seeds:  # the two sides alternate, so that a slower machine hour hits both
         print(f"seed {seed}", flush=True)
         mine = out / f"ours-seed{seed}"
@@ -301,9 +449,9 @@ def main(argv=None):
             recipe["epochs"], args.threads, lambda o, log: our_rows(o)))
         theirs = out / f"reference-seed{seed}"
         results["reference"].append(run_one(
-            "reference", timm_command(args.reference, recipe, args.data, seed, args.workers,
-                                      theirs, cuda),
-            theirs, recipe["epochs"], args.threads, timm_rows))
+            "reference", reference_command(args.reference, recipe, args.data, seed, args.workers,
+                                           theirs, cuda),
+            theirs, recipe["epochs"], args.threads, reference_rows))
         print(f"  top-1 ours {results['ours'][-1]['final']:.2f}, reference "
               f"{results['reference'][-1]['final']:.2f}", flush=True)
     text = report(args.comparison, results)

@@ -29,3 +29,102 @@ def test_timm_flags_of_recipe_b_and_refusal_of_tv():
     tv = compare.resolved_recipe("train_tv.py", ["--train-size", "224"])
     with pytest.raises(common.UserError, match="no equivalent"):
         compare.timm_args(tv)
+
+
+def test_recipe_resolved_as_the_script_resolves_it_variants_and_per_model_values_included():
+    c1 = compare.resolved_recipe("train_c.py", ["--variant", "c1", "--batch-size", "64"])
+    assert c1["recipe"] == "c1" and c1["repeated_aug"] == 0
+    flags = " ".join(compare.timm_args(c1))
+    for part in ("--opt sgd --lr 0.0275", "--clip-grad 0.025 --clip-mode agc", "--drop 0.25",
+                 "--drop-path 0.1", "--interpolation bicubic"):
+        assert part in flags, part
+    assert compare.resolved_recipe("train_rs.py", ["--model", "resnet101"])["train_size"] == 160
+    assert compare.resolved_recipe("train_rs.py", ["--model", "resnet101", "--train-size",
+                                                   "128"])["train_size"] == 128
+
+
+def test_tv_flags_of_recipe_tv_and_refusal_of_timm_recipes():
+    k, script, overrides = compare.COMPARISONS["tv"]
+    r = compare.resolved_recipe(script, ["--batch-size", "64", "--train-size", "28",
+                                         "--eval-size", "32", "--eval-resize", "33"])
+    flags = " ".join(compare.tv_args(r))
+    for part in ("--model resnet50 --epochs 600 -b 64", "--train-crop-size 28 --val-crop-size 32"
+                 " --val-resize-size 33 --interpolation bilinear", "--opt sgd --lr 0.03125 "
+                 "--momentum 0.9 --wd 2e-05 --norm-weight-decay 0", "--lr-scheduler "
+                 "cosineannealinglr --lr-min 0 --lr-warmup-epochs 5 --lr-warmup-method linear "
+                 "--lr-warmup-decay 0.01", "--label-smoothing 0.1 --mixup-alpha 0.2 "
+                 "--cutmix-alpha 1.0 --random-erase 0.1", "--auto-augment ta_wide",
+                 "--ra-sampler --ra-reps 4", "--model-ema --model-ema-steps 32 "
+                 "--model-ema-decay 0.99998"):
+        assert part in flags, part
+    assert "--bias-weight-decay" not in flags and "--clip-grad-norm" not in flags
+    for script in ("train_a3.py", "train_b.py", "train_d.py"):
+        with pytest.raises(common.UserError, match="torchvision's train.py has no equivalent"):
+            compare.tv_args(compare.resolved_recipe(script, []))
+
+
+def test_tv_rows_from_a_log_in_the_format_of_its_metric_logger():
+    log = []
+    for epoch, (lr, top1, ema) in enumerate([(0.0003125, 10.165, 9.5), (0.03125, 42.308, 11.0)]):
+        for i, extra in ((0, ""), (19, "")):
+            log.append(f"Epoch: [{epoch}]  [{i:2d}/20]  eta: 0:00:01  lr: {lr if i == 0 else 9}"
+                       f"  img/s: 351.2  loss: 3.7495 (3.6304)  acc1: 10.9 (11.9)  time: 0.2001"
+                       f"  data: 0.0063{extra}")
+        log.append("Test:   [0/6]  eta: 0:00:01  loss: 2.3 (2.3)  acc1: 9.3 (9.3)  time: 0.1")
+        log.append(f"Test:  Acc@1 {top1:.3f} Acc@5 50.000")
+        log.append(f"Test: EMA Acc@1 {ema:.3f} Acc@5 50.000")
+    assert compare.tv_rows(None, "\n".join(log)) == [(10.165, 9.5, 0.0003125),
+                                                     (42.308, 11.0, 0.03125)]
+
+
+FAKE_TV_TRAIN = '''
+import json, os, random, sys
+import numpy as np, torch, torch.distributed as dist
+import utils
+from sampler import RASampler
+cuda = torch.cuda.is_available()
+torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # as tv's init_distributed_mode
+dist.init_process_group(backend="nccl", init_method="env://",
+                        world_size=int(os.environ["WORLD_SIZE"]), rank=int(os.environ["RANK"]))
+model = torch.nn.parallel.DistributedDataParallel(
+    torch.nn.Linear(2, 2).to("cuda" if cuda else "cpu"), device_ids=[0])
+print(json.dumps(dict(
+    ra=RASampler(range(8)).seed, ds=torch.utils.data.distributed.DistributedSampler(range(8)).seed,
+    backend=dist.get_backend(), total=utils.reduce_across_processes([3.0]).tolist(),
+    draws=[random.random(), float(np.random.rand()), torch.rand(1).item()], argv=sys.argv[1:])))
+'''
+FAKE_TV_FILES = {  # the parts of tv's utils.py and sampler.py the launcher touches, as tv has them
+    "utils.py": "import torch, torch.distributed as dist\n"
+                "def reduce_across_processes(val):\n"
+                "    t = torch.tensor(val, device='cuda')\n"
+                "    dist.barrier()\n    dist.all_reduce(t)\n    return t\n",
+    "sampler.py": "class RASampler:\n"
+                  "    def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True,"
+                  " seed=0, repetitions=3):\n        self.seed = seed\n",
+    "train.py": FAKE_TV_TRAIN}
+
+
+def test_tv_reference_launcher_seeds_the_run_and_runs_distributed_here(tmp_path):
+    """tv's train.py has no --seed and its samplers default to seed 0 (+ epoch): the launcher
+    seeds everything from --seed, and tv's NCCL / GPU assumptions run on gloo where there is no
+    GPU. A fake train.py making tv's calls shows each patch (without one, it raises)."""
+    import json
+    import subprocess
+    import sys
+    import torch
+    for name, text in FAKE_TV_FILES.items():
+        (tmp_path / name).write_text(text)
+
+    def launch(seed):
+        out = subprocess.run([sys.executable, str(compare.ROOT / "compare.py"), "tv-reference",
+                              str(seed), str(tmp_path / "train.py"), "--epochs", "3"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    a, again, b = launch(3), launch(3), launch(4)
+    assert a == again
+    assert a["argv"] == ["--epochs", "3"] and a["total"] == [3.0]
+    assert a["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert a["ra"] == a["ds"] and a["ra"] not in (0, 3)
+    assert abs(b["ra"] - a["ra"]) > 1000  # seed + epoch cannot reach the other seed's orders
+    assert all(x != y for x, y in zip(a["draws"], b["draws"]))
