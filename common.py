@@ -1295,14 +1295,15 @@ def batch_keys(chunks, batch_seed, epoch):
 
 
 class TrainSampler(torch.utils.data.Sampler):
-    """One rank's share of an epoch's train order. The order is a permutation seeded by
-    seed + epoch (seed: a seed_for(run seed, SEED_ORDER) base) cut into global batches of
-    world x accum x batch images, the last partial one dropped (timm and tv drop each rank's
-    last partial batch). Rank r takes the r-th block of accum x batch of each global batch, so
-    an update sees the same images whatever the world size and accumulation: 2 processes x 1
-    step = 1 process x 2 accumulation steps. Chunk c (the c-th `batch` of the order) comes with
-    the seed its augmentation is drawn from, seed_for(batch_seed, epoch, c): the batches of an
-    epoch are the same in any world size, with any number of loader workers."""
+    """One rank's share of an epoch's train order. The order is a permutation seeded by seed + epoch
+    (seed: a seed_for(run seed, SEED_ORDER) base) cut into global batches of world x accum x
+    batch images, the last partial one dropped (as timm; tv's train.py keeps a last partial
+    batch, one step more on data sets the batch does not divide). Rank r takes the r-th block of
+    accum x batch of each global batch, so an update sees the same images whatever the world
+    size and accumulation: 2 processes x 1 step = 1 process x 2 accumulation steps. Chunk c (the
+    c-th `batch` of the order) comes with the seed its augmentation is drawn from,
+    seed_for(batch_seed, epoch, c): the batches of an epoch are the same in any world size, with
+    any number of loader workers."""
 
     def __init__(self, length, batch, accum=1, world=1, rank=0, seed=0, batch_seed=0):
         if not 0 <= rank < world:
@@ -2671,7 +2672,9 @@ def make_ema(run):
         return
     decay = recipe["ema_decay"]
     if recipe["ema_style"] == "tv":
-        decay = tv_ema_decay(decay, run.world, run.per_device, recipe["ema_every"],
+        # tv's batch per GPU is the images a rank sees between two optimizer steps: ours
+        # with accumulation is per_device x accum (tv has none)
+        decay = tv_ema_decay(decay, run.world, run.per_device * run.accum, recipe["ema_every"],
                              recipe["epochs"])
         run.log(f"EMA decay {recipe['ema_decay']:g} adjusted as tv's train.py: {decay:.6g}")
     run.ema = EMA(run.model, decay, tf_warmup=recipe["ema_style"] == "tf",

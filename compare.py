@@ -158,8 +158,10 @@ def tv_args(r):
         unsupported(f"model {r['model']} (torchvision's ResNets only)")
     if r["opt"] != "sgd" or r["sched"] != "cosine" or r["sched_per_step"] or r["lr_noise"]:
         unsupported("an optimizer but SGD, a schedule but cosine once an epoch, or LR noise")
-    if r["warmup_epochs"] and (r["warmup_factor"] is None or not r["warmup_prefix"]):
-        unsupported("a warmup from warmup_lr, or one that does not precede the cosine")
+    if r["warmup_epochs"] and (r["warmup_lr"] is not None or not r["warmup_prefix"]
+                               or not 0 < (r["warmup_factor"] or 0) <= 1):
+        unsupported("a warmup from warmup_lr, one that does not precede the cosine, or a "
+                    "warmup factor outside (0, 1] (tv's LinearLR start_factor)")
     if r["loss"] != "ce" or r["dropout"] or r["drop_path"] or r["zero_init_last"]:
         unsupported("BCE, dropout, drop path or zero-initialised last BN gammas")
     if r["auto_augment"] not in (None, "ta_wide") or (r["clip"] or {}).get("mode") == "agc":
@@ -176,7 +178,8 @@ def tv_args(r):
          "--norm-weight-decay", 0,  # both groupings exempt the norm layers
          "--lr-scheduler", "cosineannealinglr", "--lr-min", r["min_lr"] or 0,
          "--lr-warmup-epochs", r["warmup_epochs"], "--lr-warmup-method", "linear",
-         "--lr-warmup-decay", r["warmup_factor"] or 1, "--label-smoothing", r["label_smoothing"],
+         "--lr-warmup-decay", r["warmup_factor"] or 1,  # unused without a warmup
+         "--label-smoothing", r["label_smoothing"],
          "--mixup-alpha", r["mixup"], "--cutmix-alpha", r["cutmix"],
          "--random-erase", r["reprob"]]
     if r["wd_groups"] == "timm":  # timm exempts every tensor of ndim <= 1: the biases too
@@ -191,6 +194,20 @@ def tv_args(r):
         a += ["--model-ema", "--model-ema-steps", r["ema_every"],
               "--model-ema-decay", r["ema_decay"]]
     return [str(v) for v in a]
+
+
+def check_tv_epoch(r, data):
+    """tv's train loader keeps a last partial batch, ours drops it (as timm): refuse data where
+    the two would run a different number of steps."""
+    images = sum(1 for f in (Path(data) / "train").glob("*/*") if f.is_file())
+    epoch = images // 256 * 256 if r["repeated_aug"] else images  # tv's RASampler keeps this
+    if epoch == 0:
+        raise common.UserError(f"an epoch of 0 images: tv's repeated-augmentation sampler keeps "
+                               f"a multiple of 256 of the {images} train images")
+    if epoch % r["batch_size"]:
+        raise common.UserError(
+            f"an epoch of {epoch} images is not a multiple of the batch {r['batch_size']}: tv "
+            "trains on the last partial batch, ours drops it; choose a batch that divides it")
 
 
 def tv_reference(argv):
@@ -256,10 +273,16 @@ def tv_reference(argv):
 # One run of each side: command, then its per-epoch results
 # ==================================================================================================
 
-def our_command(script, data, seed, workers, out, argv, cuda):
+# The precision of the reference's AMP on CUDA (timm: --amp-dtype bfloat16; tv's --amp is
+# fp16 with a grad scaler), which ours is given too; float32 both where the recipe has no AMP
+AMP_DTYPE = {"timm": "bf16", "tv": "fp16"}
+
+
+def our_command(script, data, seed, workers, out, argv, amp):
+    """`amp`: None on a CPU, else our --amp-dtype (bf16, fp16 or off)."""
     return [sys.executable, str(ROOT / script), "--data", data, "--seed", str(seed), "--workers",
-            str(workers), "--output", str(out), "--quiet", *(["--amp-dtype", "bf16"] if cuda
-                                                             else []), *argv]
+            str(workers), "--output", str(out), "--quiet",
+            *(["--amp-dtype", amp] if amp else []), *argv]
 
 
 def timm_command(reference, recipe, data, seed, workers, out, cuda):
@@ -438,6 +461,9 @@ def main(argv=None):
     out = Path(args.out or f"runs/compare-{args.comparison}")
     import torch
     cuda = torch.cuda.is_available()
+    amp = (AMP_DTYPE[kind] if recipe["amp"] else "off") if cuda else None
+    if kind == "tv":
+        check_tv_epoch(recipe, args.data)
     seeds = [args.first_seed + k * args.seed_stride for k in range(args.seeds)]
     results = dict(seeds=seeds, recipe=recipe, ours=[], reference=[])
     print(f"{args.comparison}: {script} {' '.join(flags)}\n  {kind}: {' '.join(translate(recipe))}")
@@ -445,7 +471,7 @@ def main(argv=None):
         print(f"seed {seed}", flush=True)
         mine = out / f"ours-seed{seed}"
         results["ours"].append(run_one(
-            "ours", our_command(script, args.data, seed, args.workers, mine, flags, cuda), mine,
+            "ours", our_command(script, args.data, seed, args.workers, mine, flags, amp), mine,
             recipe["epochs"], args.threads, lambda o, log: our_rows(o)))
         theirs = out / f"reference-seed{seed}"
         results["reference"].append(run_one(
@@ -461,4 +487,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.UserError as e:
+        sys.exit(f"error: {e}")

@@ -128,3 +128,19 @@ def test_tv_reference_launcher_seeds_the_run_and_runs_distributed_here(tmp_path)
     assert a["ra"] == a["ds"] and a["ra"] not in (0, 3)
     assert abs(b["ra"] - a["ra"]) > 1000  # seed + epoch cannot reach the other seed's orders
     assert all(x != y for x, y in zip(a["draws"], b["draws"]))
+
+
+def test_tv_refusals_warmup_and_an_epoch_the_batch_does_not_divide(tmp_path):
+    k, script, overrides = compare.COMPARISONS["tv"]
+    for flags in (["--warmup-factor", "0"], ["--warmup-lr", "0.001"]):
+        with pytest.raises(common.UserError, match="warmup"):
+            compare.tv_args(compare.resolved_recipe(script, flags))
+    for i in range(10):
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "a" / f"{i}.png").write_bytes(b"")
+    r = compare.resolved_recipe(script, ["--repeated-aug", "0", "--batch-size", "5"])
+    compare.check_tv_epoch(r, tmp_path)  # 10 images, batch 5: the same steps on both sides
+    with pytest.raises(common.UserError, match="last partial batch"):
+        compare.check_tv_epoch(dict(r, batch_size=4), tmp_path)
+    with pytest.raises(common.UserError, match="epoch of 0 images"):  # RA keeps 10 // 256 * 256
+        compare.check_tv_epoch(dict(r, repeated_aug=4), tmp_path)

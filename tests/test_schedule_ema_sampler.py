@@ -379,3 +379,20 @@ def test_sampler_single_process_and_repeats_one():
         RepeatedAugSampler(10, 0)
     with pytest.raises(UserError):
         RepeatedAugSampler(10, 3, world=2, rank=2)
+
+
+def test_tv_ema_decay_counts_the_global_batch_whatever_the_accumulation():
+    """tv's adjustment counts the images between two EMA updates: 2 ranks x 8 and 1 rank x 8
+    x 2 accumulation steps are the same run, so the same decay (tv itself has no accumulation)."""
+    import types
+    import common
+    recipe = common.full_recipe(dict(recipe="tv", model="resnet18", epochs=30, batch_size=16,
+                                     opt="sgd", lr=0.1, ema_decay=0.99998, ema_every=32,
+                                     ema_style="tv"))
+    decays = []
+    for world, per_device, accum in ((2, 8, 1), (1, 8, 2), (1, 16, 1)):
+        run = types.SimpleNamespace(recipe=recipe, world=world, per_device=per_device,
+                                    accum=accum, model=_net(), ckpt=None, log=lambda text: None)
+        common.make_ema(run)
+        decays.append(run.ema.decay)
+    assert decays[0] == decays[1] == decays[2] == tv_ema_decay(0.99998, 1, 16, 32, 30)
