@@ -178,6 +178,9 @@ def run(args):
                 print(json.dumps(result), flush=True)
     if rank == 0:
         print(table(results), file=sys.stderr, end="")
+    if world > 1:  # left to the interpreter's exit, gloo's teardown can abort rank 0 (seen in CI)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return results[0] if len(results) == 1 else results
 
 
