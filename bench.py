@@ -6,6 +6,7 @@ ratios hold on a noisy machine. timm and torchvision come from requirements-dev.
     python bench.py pipeline --images 200         # 1. images/s per worker, per recipe
     python bench.py step --device cpu             # 2. training step, images/s and peak memory
     python bench.py optim                         # 3. optimizer / EMA step time and agreement
+    python bench.py host --files 200000           # 4. host memory, listing time (by hand)
     python bench.py pipeline --jpegs /imagenet/train/n01440764   # on real JPEGs
 
 Prints markdown tables; README's "Speed" section quotes them with the machine they ran on.
@@ -473,10 +474,101 @@ def bench_optim(args, device):
     table(("step", "timm ms", "ours ms", "speed-up", "max diff"), rows)
 
 
+# --------------------------------------------------------------------------------------------
+# 4. Host memory and listing time on a large folder (by hand: it writes --files entries)
+
+def many_files(root, files, classes=1000, size=24):
+    """`files` train entries in `classes` folders (and 2% as many val), hard links to one small
+    JPEG a class: the listing and the per-file work of a large data set, without its bytes."""
+    root = Path(root)
+    if (root / f"done-{files}").exists():
+        return root
+    rng = np.random.default_rng(0)
+    for split, n in (("train", files // classes), ("val", max(1, files // classes // 50))):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            first = d / f"n{c:08d}_0.JPEG"  # ext4 allows 65,000 links a file
+            if not first.exists():
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(first)
+            for i in range(1, n):
+                link = d / f"n{c:08d}_{i}.JPEG"
+                if not link.exists():
+                    os.link(first, link)
+    (root / f"done-{files}").write_text("")
+    return root
+
+
+def pss_mb(pid):
+    """PSS of a process and its children (the loader workers), MB: what they cost together."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for p in [pid, *map(int, children)]:
+        try:
+            total += sum(int(line.split()[1]) for line in
+                         Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+                         if line.startswith("Pss:"))
+        except OSError:
+            pass
+    return total / 1024
+
+
+def host_worker(root, kind, workers, batch, steps):
+    """One rank's training loader over `root`: listing seconds, PSS before and at its peak."""
+    import threading
+    t0 = time.perf_counter()
+    table, classes = common.list_folder(Path(root) / "train")
+    listed = time.perf_counter() - t0
+    listing = (table, classes) if kind == "numpy" else (list(table), classes)
+    ds = common.ImageFolder(Path(root) / "train", common.TrainTransform(
+        16, "bicubic", "rand-m7-n2-mstd0.5-inc1"), listing=listing)
+    loader = common.make_loader(ds, batch, workers, torch.device("cpu"), common.TrainSampler(
+        len(ds), batch, seed=1, batch_seed=2), True)
+    base, peak, done = pss_mb(os.getpid()), [0.0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], pss_mb(os.getpid()))
+            time.sleep(0.2)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for _ in zip(range(steps), loader):
+        pass
+    done.set()
+    watcher.join()
+    return dict(files=len(ds), listed_s=listed, base_mb=base, peak_mb=peak[0])
+
+
+def bench_host(args):
+    if not Path("/proc/self/smaps_rollup").exists():
+        print("host: needs Linux's /proc/<pid>/smaps_rollup\n")
+        return
+    root = many_files(args.host_root or Path(tempfile.gettempdir()) / "bench-host",
+                      args.files)
+    rows = []
+    for kind in ("python list", "numpy"):
+        job = dict(root=str(root), kind=kind.split()[-1], workers=args.host_workers,
+                   batch=128, steps=args.host_steps)
+        out = subprocess.run([sys.executable, __file__, "_host", json.dumps(job)],
+                             capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.splitlines()[-1])
+        rows.append((kind, f"{r['files']:,}", args.host_workers, f"{r['listed_s']:.2f}",
+                     f"{1.28e6 / r['files'] * r['listed_s']:.1f}", f"{r['base_mb']:.0f}",
+                     f"{r['peak_mb']:.0f}"))
+    print(f"one rank's training loader, {args.host_steps} batches of 128 at 16 px (PSS of the "
+          "process and its workers; the listing from a warm cache, scaled linearly to 1.28M "
+          "files)\n")
+    table(("sample list", "files", "workers", "listing s", "1.28M files s", "PSS before MB",
+           "PSS peak MB"), rows)
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_step":  # the step benchmark's worker process
         job = json.loads(sys.argv[2])
         print(json.dumps(step_worker(**job)))
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "_host":  # the host benchmark's worker process
+        print(json.dumps(host_worker(**json.loads(sys.argv[2]))))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sections", nargs="*", help="pipeline, step, optim (default: all three)")
@@ -491,12 +583,17 @@ def main():
     p.add_argument("--size", type=int, help="step: default 128 px on CPU, 224 on CUDA")
     p.add_argument("--steps", type=int, help="timed steps per round")
     p.add_argument("--compile", action="store_true", help="step: torch.compile both models")
+    p.add_argument("--files", type=int, default=200_000, help="host: train entries generated")
+    p.add_argument("--host-root", help="host: where to generate them (default: the temp dir)")
+    p.add_argument("--host-workers", type=int, default=4, help="host: loader workers")
+    p.add_argument("--host-steps", type=int, default=300, help="host: batches drawn")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     sections = args.sections or ["pipeline", "step", "optim"]
-    if set(sections) - {"pipeline", "step", "optim"}:
-        p.error(f"unknown section(s) {sorted(set(sections) - {'pipeline', 'step', 'optim'})}")
+    known = {"pipeline", "step", "optim", "host"}
+    if set(sections) - known:
+        p.error(f"unknown section(s) {sorted(set(sections) - known)}")
     print(f"# bench.py, {time.strftime('%Y-%m-%d %H:%M')}\n\n{machine(device)}\n", flush=True)
     if "pipeline" in sections:
         bench_pipeline(args, device)
@@ -504,6 +601,8 @@ def main():
         bench_step(args, device)
     if "optim" in sections:
         bench_optim(args, device)
+    if "host" in sections:
+        bench_host(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ data -> CLI -> the README's recipe table. Each ingredient says where its behavio
 """
 import argparse
 import contextlib
+import datetime
 import difflib
 import functools
 import importlib.util
@@ -21,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -449,6 +451,35 @@ def find_images(root):
     return samples, classes
 
 
+class SampleTable:
+    """A folder's [(path, class index)] as two NumPy arrays (paths relative to the folder, as
+    bytes). Forked loader workers share it: a Python list of 1.28M tuples is copied into every
+    worker page by page as reference counts and the garbage collector touch it (about 45 MB a
+    worker per 200k files, bench.py host: some 290 MB a worker on ImageNet). It pickles in one piece, for rank 0 to broadcast its listing."""
+
+    def __init__(self, root, samples):
+        self.root = str(Path(root))  # as find_images writes it: the paths start with it
+        prefix = os.path.join(self.root, "")
+        self.paths = np.array([os.fsencode(p[len(prefix):] if p.startswith(prefix) else p)
+                               for p, _ in samples], dtype=bytes)
+        self.targets = np.array([t for _, t in samples], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return os.path.join(self.root, os.fsdecode(self.paths[i])), int(self.targets[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def list_folder(root):
+    """(SampleTable, classes) of an ImageFolder root; the listing ImageFolder takes."""
+    samples, classes = find_images(root)
+    return SampleTable(root, samples), classes
+
+
 class Samples(list):
     """A batch's samples, and the unreadable images skipped to make it ("path: reason")."""
     skipped = ()
@@ -460,8 +491,8 @@ class ImageFolder(torch.utils.data.Dataset):
     reports each path and counts them per epoch, and one bad file does not end a 600-epoch
     run. skip_bad=False (evaluation, --bad-images error) raises a one-line UserError."""
 
-    def __init__(self, root, transform, skip_bad=False):
-        self.samples, self.classes = find_images(root)
+    def __init__(self, root, transform, skip_bad=False, listing=None):
+        self.samples, self.classes = listing or list_folder(root)
         self.root, self.transform, self.skip_bad = str(root), transform, skip_bad
         self.skipped = []
 
@@ -2020,12 +2051,47 @@ def setup_device(device_arg):
         if not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but torch sees no CUDA GPU")
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=DIST_TIMEOUT)
     return device, rank, world
+
+
+# Rank 0 lists the data folders while the others wait in a collective: on a shared file system
+# 1.28M files can take minutes (README Resume and preemption), beyond NCCL's 10-minute default
+DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def cuda_index(local_rank, visible):
+    """The GPU of this rank among those it can see: its LOCAL_RANK under torchrun (every GPU
+    of the node visible), or the one GPU that srun / a scheduler bound to it (one visible)."""
+    if visible < 1:
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU")
+    return local_rank % visible
+
+
+def placement(device, rank, world):
+    """One line per rank, for rank 0 to print: where each rank runs (a collective). Two ranks on
+    one physical GPU (the same UUID) are refused: NCCL would fail later, less clearly."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        me = (rank, socket.gethostname(), str(device), props.name, str(getattr(props, "uuid", "")),
+              os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
+    else:
+        me = (rank, socket.gethostname(), str(device), device_name(device), "", "")
+    everyone = gather_objects(me, world)
+    seen = {}
+    for r, host, dev, _, uuid, _ in everyone:
+        if uuid and (host, uuid) in seen:
+            raise UserError(f"ranks {seen[host, uuid]} and {r} on {host} share one GPU ({dev}, "
+                            f"UUID {uuid}): give each rank its own GPU (CUDA_VISIBLE_DEVICES, "
+                            "srun --gpus-per-task, or torchrun's LOCAL_RANK with all GPUs visible)")
+        seen[host, uuid] = r
+    return [f"rank {r} on {host}: {dev} ({name}, CUDA_VISIBLE_DEVICES={vis})" if dev != "cpu"
+            else f"rank {r} on {host}: {name}" for r, host, dev, name, _, vis in everyone]
 
 
 def split_batch(batch_size, world, device_batch=None, accum_steps=None):
@@ -2051,23 +2117,31 @@ def worker_init(worker_id):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+# Loader workers per process by default: beyond this a rank gains little (16 workers decode
+# 3,700-5,400 ResNet-50 img/s, README Speed; past that --device-aug frees the CPU) and every
+# worker is a process with its own transforms, Python heap and prefetched batches
+WORKER_CAP = 16
+
+
 def default_workers():
     """Loader workers per process: the cores this process may use (its CPU affinity, which
-    SLURM and containers set) shared by the processes of this node, no cap. One worker
-    decodes and augments about 230-340 ResNet-50 images/s (README Speed), so a GPU that
-    trains at 3,000 img/s needs 9-13 of them."""
+    SLURM and containers set) shared by the processes of this node, at most WORKER_CAP. One
+    worker decodes and augments about 230-340 ResNet-50 images/s (README Speed), so a GPU
+    that trains at 3,000 img/s needs 9-13 of them."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 2
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(WORKER_CAP, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def make_loader(dataset, batch, workers, device, sampler, drop_last):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", drop_last=drop_last, worker_init_fn=worker_init,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        # 2 batches a worker in flight (torch's default): with 16 workers, 32 pinned batches of
+        # up to 38 MB (256 x 224 px) a loader, enough to hide a slow image
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
 
 
 def to_device(loader, device, augment=None, skipped=None):
@@ -2164,6 +2238,39 @@ def gather_objects(obj, world):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_rank0(fn, world, rank):
+    """fn() run by rank 0 alone, its result on every rank (a collective: the others wait for
+    it). A UserError on rank 0 is raised on every rank, so that none waits forever in a later
+    collective and each says the same line."""
+    result = error = failure = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # the others must hear of any failure, not only a UserError
+            failure = e
+            error = str(e) if isinstance(e, UserError) else f"rank 0: {type(e).__name__}: {e}"
+    if world > 1:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if failure is not None:
+        try:
+            raise failure
+        finally:  # no frame -> exception -> frame cycle: it would keep the run's loaders, whose
+            failure = None  # workers ignore SIGTERM (worker_init), alive at exit: a hang
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def all_ranks_ok(error, world):
+    """Collective: raise on every rank the first rank's error (None where a rank is fine)."""
+    failed = [(r, e) for r, e in enumerate(gather_objects(error, world)) if e]
+    if failed:
+        rank, error = failed[0]
+        raise UserError(error if world == 1 else f"rank {rank}: {error}")
 
 
 def average_bn_stats(model, world):
@@ -2264,6 +2371,37 @@ def resume_checkpoint(resume, out, log):
         raise UserError(f"no checkpoint in {out} can be read: start afresh with another --output")
     log(f"--resume auto: no checkpoint in {out} yet, starting from scratch")
     return None, None
+
+
+def save_id(ckpt):
+    """What tells two saves of a run apart: where they continue and the run's time at saving."""
+    return (tuple(ckpt.get("next") or ()), ckpt.get("epoch"), ckpt.get("elapsed_s"))
+
+
+def agree_checkpoint(resume, out, log, world, rank):
+    """resume_checkpoint() decided by rank 0; every other rank loads the same path and must
+    find the same save there (a collective)."""
+    mine = {}
+
+    def choose():
+        mine["ckpt"], path = resume_checkpoint(resume, out, log)
+        return None if path is None else (str(path), save_id(mine["ckpt"]))
+    choice = on_rank0(choose, world, rank)
+    if choice is None:
+        return None, None
+    path, error = Path(choice[0]), None
+    if rank != 0:
+        try:
+            mine["ckpt"] = load_checkpoint(path)
+            if save_id(mine["ckpt"]) != choice[1]:
+                error = "another save than rank 0's"
+        except UserError as e:
+            error = str(e)
+    if error:
+        error = (f"cannot resume from {path}, the checkpoint rank 0 continues: {error}; every "
+                 "node must see the same --output folder (a shared file system)")
+    all_ranks_ok(error, world)
+    return mine["ckpt"], path
 
 
 def trim_metrics(path, epochs):
@@ -2444,13 +2582,16 @@ def add_provenance(path, facts):
     what a reproduction that falls short is asked for (timm #504, #2618; tv #3995)."""
     import PIL
     import platform
-    import socket
-    import torchvision
+    from importlib import metadata  # torchvision's version without importing it (1-3 s)
+    try:
+        tv_version = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        tv_version = None
     commit, modified = code_version()
     entry = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  command=[sys.executable, *sys.argv], cwd=os.getcwd(), host=socket.gethostname(),
                  git_commit=commit, git_modified=modified, python=platform.python_version(),
-                 torch=torch.__version__, torchvision=torchvision.__version__,
+                 torch=torch.__version__, torchvision=tv_version,
                  pillow=PIL.__version__, numpy=np.__version__, cuda=torch.version.cuda,
                  cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
                  **facts)
@@ -2507,6 +2648,9 @@ def train(recipe, args):
         raise UserError(f"data folder {args.data} does not exist")
     run.device, run.rank, run.world = setup_device(args.device)
     run.log = print if run.rank == 0 else (lambda *a, **k: None)
+    where = placement(run.device, run.rank, run.world)
+    if run.world > 1 or run.device.type == "cuda":
+        run.log("\n".join(where))
     plan_batch(run, recipe)   # per-device batch, accumulation; lr scaled to the global batch
     make_data(run)            # datasets, samplers, loaders, steps an epoch
     make_model(run)           # model, optimizer, grad scaler, precision, loss function
@@ -2546,19 +2690,27 @@ def plan_batch(run, recipe):
 def make_data(run):
     args, recipe, rank, world = run.args, run.recipe, run.rank, run.world
     if args.workers:
-        run.log(f"{args.workers} loader worker(s) per process: at about 230-340 ResNet-50 img/s "
-                f"each (README Speed) they feed up to ~{230 * args.workers:,}-"
+        chosen = (f" (the cores per process, at most {WORKER_CAP}: each worker holds its own "
+                  "memory)" if getattr(args, "workers_default", False) else "")
+        run.log(f"{args.workers} loader worker(s) per process{chosen}: at about 230-340 "
+                f"ResNet-50 img/s each (README Speed) they feed up to ~{230 * args.workers:,}-"
                 f"{340 * args.workers:,} img/s per process; --workers to change")
     if args.device_aug and run.device.type != "cuda":
         run.log(f"note: --device-aug on {run.device.type} runs the augmentation in the main "
                 "process, slower than in the workers; it is meant for GPUs")
-    root = Path(args.data)
+    root, t0 = Path(args.data), time.perf_counter()
+    # rank 0 lists, the others wait (DIST_TIMEOUT): on a shared file system every rank listing
+    # 1.28M files at once is minutes of metadata load, and ranks would start far apart
+    train_list, val_list = on_rank0(lambda: (list_folder(root / "train"),
+                                             list_folder(root / "val")), world, rank)
+    run.log(f"{len(train_list[0]):,} train and {len(val_list[0]):,} val images in "
+            f"{len(train_list[1])} classes, listed in {time.perf_counter() - t0:.1f} s")
     run.train_set = ImageFolder(root / "train", TrainTransform(
         recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
         fast_decode=args.fast_decode, device_aug=args.device_aug),
-        skip_bad=args.bad_images == "skip")
+        skip_bad=args.bad_images == "skip", listing=train_list)
     val_set = ImageFolder(root / "val", EvalTransform(
-        recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"]))
+        recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"]), listing=val_list)
     if val_set.classes != run.train_set.classes:
         raise UserError(f"{root}/val has other class folders than {root}/train")
     order_seed, batch_seed = seed_for(args.seed, SEED_ORDER), seed_for(args.seed, SEED_BATCH)
@@ -2603,10 +2755,14 @@ def make_model(run):
 
 def resume(run):
     """The checkpoint's weights, optimizer and scaler, and where it stopped: an epoch's end, or
-    (epoch, step) inside one with every rank's running sums of that epoch."""
-    run.ckpt, path = resume_checkpoint(run.args.resume, run.out, run.log)
+    (epoch, step) inside one with every rank's running sums of that epoch. Rank 0, which
+    writes the checkpoints, chooses the file; every rank loads that one and checks it is the
+    same save, or every rank stops with one line (a node that sees another --output folder
+    would otherwise train another model until a collective hangs)."""
+    run.ckpt, path = agree_checkpoint(run.args.resume, run.out, run.log, run.world, run.rank)
     run.resumed_from, run.start_epoch, run.start_step, run.best = path, 0, 0, -1.0
     run.partial, run.elapsed_before, run.device_s_before = None, 0.0, 0.0
+    run.last_good = None  # (path, where) of the newest good checkpoint, said on a nan loss
     ckpt, model_name = run.ckpt, run.recipe["model"]
     if ckpt is None:
         return
@@ -2631,6 +2787,8 @@ def resume(run):
                         "batch, or from the epoch's end (prev.pth or an earlier run)")
     run.log(f"resumed from {path} at epoch {run.start_epoch + 1}"
             + (f", step {run.start_step + 1} of {run.steps}" if run.start_step else ""))
+    run.last_good = (path, where_next(run, run.start_epoch - (not run.start_step),
+                                      run.start_step))
 
 
 def open_run_folder(run):
@@ -2660,6 +2818,7 @@ def wrap_model(run):
         run.ddp_model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     make_ema(run)
+    run.ckpt = None  # its weights and optimizer state are copied: free them for the run
     if run.args.compile:
         run.ddp_model = torch.compile(run.ddp_model)
 
@@ -2728,6 +2887,9 @@ def train_epoch(run, epoch, first):
         elif run.world == 1 and (run.stop.signum or save_due):  # no collective needed
             pending = (run.stop.signum, save_due)
         if pending and last_micro and step + 1 < run.steps:  # between updates only
+            if not healthy(run, sums):  # a non-finite loss since the last poll: no save
+                run.nonfinite = True
+                break
             checkpoint(run, epoch, step + 1, sums)
             if pending[0]:
                 if bar is not None:
@@ -2737,6 +2899,17 @@ def train_epoch(run, epoch, first):
     if bar is not None:
         bar.close()
     return sums
+
+
+def healthy(run, sums):
+    """Collective, before a save inside an epoch: no non-finite loss this epoch that stops the
+    run (nonfinite_stop) and finite weights on every rank."""
+    weights_bad = torch.stack([~torch.isfinite(p).all() for p in run.model.parameters()]).any()
+    flags = torch.stack([sums[1].long(), sums[2].long(), weights_bad.long()])
+    if run.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, in_a_row, weights = flags.tolist()
+    return not weights and not nonfinite_stop(bad, in_a_row, run.scaler)
 
 
 def train_step(run, images, target, epoch, step):
@@ -2793,17 +2966,22 @@ def end_epoch(run, epoch, first, sums):
     images named, BN statistics averaged, model and EMA evaluated; metrics.jsonl, the
     checkpoint, best.pth; a signal during all this stops the run here."""
     world, scaler = run.world, run.scaler
-    totals = sums.clone()
+    # with the ranks' sums, whether a rank's weights are not finite (none is saved then)
+    weights_bad = torch.stack([~torch.isfinite(p).all() for p in run.model.parameters()]).any()
+    totals = torch.cat([sums, weights_bad.to(sums.dtype)[None]])
     if world > 1:
         dist.all_reduce(totals)
     loss_total, bad = totals[0].item(), int(totals[1].item())
     good = run.steps * world - bad
     if run.nonfinite or (bad and not scaler.is_enabled()) or good <= 0 \
-            or not math.isfinite(loss_total):
+            or not math.isfinite(loss_total) or totals[4].item():
         absorbed = " (more than fp16 loss scaling can absorb)" if scaler.is_enabled() else ""
+        kept = "no checkpoint was written: start again with a lower --lr"
+        if run.last_good:
+            kept = (f"{run.last_good[0]} holds the last good checkpoint ({run.last_good[1]}): "
+                    "continue from it with a lower --lr")
         raise UserError(f"training loss became nan/inf in epoch {epoch + 1} (lr {run.lr:g}, "
-                        f"{bad} step(s){absorbed}); {run.out / 'last.pth'} still holds the last "
-                        "good epoch: resume it with --resume auto and a lower --lr")
+                        f"{bad} step(s){absorbed}); {kept}")
     train_time = time.perf_counter() - run.t0
     bad_images = int(totals[3].item())
     if bad_images:
@@ -2812,15 +2990,17 @@ def end_epoch(run, epoch, first, sums):
         average_bn_stats(run.model, world)
         if run.ema is not None:
             average_bn_stats(run.ema.module, world)
-    # the plain model: ranks may hold different numbers of eval batches, and DDP's forward
-    # could wait on a collective
-    metrics = evaluate(run.model, run.val_loader, run.device, run.amp_dtype, world)
+    # the plain model, not DDP's: ranks may hold different numbers of eval batches, and DDP's
+    # forward could wait on a collective. With an EMA both score each batch: one decode
+    models = [run.model] + ([run.ema.module] if run.ema is not None else [])
+    scores = evaluate(models, run.val_loader, run.device, run.amp_dtype, world)
+    metrics = scores[0]
     row = dict(epoch=epoch + 1, lr=float(f"{run.lr:.6g}"),
                train_loss=round(loss_total / good, 5), top1=round(metrics["top1"], 3),
                top5=round(metrics["top5"], 3), val_loss=round(metrics["loss"], 5))
     if run.ema is not None:
         # timm and tv: the EMA weights are the result; timm keeps the best by their top-1
-        metrics = evaluate(run.ema.module, run.val_loader, run.device, run.amp_dtype, world)
+        metrics = scores[1]
         row.update(ema_top1=round(metrics["top1"], 3), ema_top5=round(metrics["top5"], 3))
     is_best = metrics["top1"] > run.best
     run.best = max(run.best, metrics["top1"])
@@ -2834,9 +3014,7 @@ def end_epoch(run, epoch, first, sums):
     run.log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if run.rank == 0:
         log_row(run, row)
-    checkpoint(run, epoch, 0, sums, row)
-    if run.rank == 0 and is_best:
-        link_checkpoint(run.out / "last.pth", run.out / "best.pth")
+    checkpoint(run, epoch, 0, sums, row, best=is_best)
     if epoch + 1 < run.recipe["epochs"] and poll_flags(
             sums[1].long(), sums[2].long(), run.stop.signum, False, world)[2]:
         raise Stopped(f"the end of epoch {epoch + 1}")
@@ -2860,19 +3038,32 @@ def log_row(run, row):
         run.tensorboard.flush()
 
 
-def checkpoint(run, epoch, next_step, sums, row=None):
+def checkpoint(run, epoch, next_step, sums, row=None, best=False):
     """Everything the rest of the run depends on. The random streams need no saving: every
     step reseeds them from (seed, epoch, step, rank), and the loader's from (seed, epoch,
     batch). Mid-epoch (next_step > 0) the epoch's running sums of every rank come along (a
     collective), so that the resumed epoch's row is the uninterrupted one's."""
+    gathered = None
     if next_step:
         gathered = [torch.zeros_like(sums) for _ in range(run.world)] if run.world > 1 \
             else [sums]
         if run.world > 1:
             dist.all_gather(gathered, sums)
     run.last_save = time.monotonic()
-    if run.rank != 0:
-        return
+    # every rank waits for rank 0's file (and fails with it): a rank that exited first would make
+    # torchrun stop the others, rank 0 in the middle of its write, or restart the group
+    on_rank0(lambda: write_checkpoint(run, epoch, next_step, gathered, row, best), run.world,
+             run.rank)
+    run.last_good = (run.out / "last.pth", where_next(run, epoch, next_step))
+
+
+def where_next(run, epoch, next_step):
+    return (f"epoch {epoch + 1}, step {next_step + 1} of {run.steps}" if next_step
+            else f"the end of epoch {epoch + 1}")
+
+
+def write_checkpoint(run, epoch, next_step, gathered, row, best):
+    """Rank 0's save: last.pth (prev.pth keeps the one before), best.pth linked to it."""
     elapsed = time.perf_counter() - run.started
     state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
                  ema=run.ema.state_dict() if run.ema is not None else None,
@@ -2887,6 +3078,8 @@ def checkpoint(run, epoch, next_step, sums, row=None):
     if row is not None:
         state["metrics"] = row
     save_checkpoint(run.out / "last.pth", state)
+    if best:
+        link_checkpoint(run.out / "last.pth", run.out / "best.pth")
 
 
 def finish(run):
@@ -3146,6 +3339,7 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
             print(f"demo data in {args.data}")
         if not args.data:
             raise UserError("--data is required (a folder with train/ and val/), or --demo")
+        args.workers_default = args.workers is None
         if args.workers is None:
             args.workers = default_workers()
         if args.output is None:
