@@ -454,8 +454,8 @@ def find_images(root):
 class SampleTable:
     """A folder's [(path, class index)] as two NumPy arrays (paths relative to the folder, as
     bytes). Forked loader workers share it: a Python list of 1.28M tuples is copied into every
-    worker page by page as reference counts and the garbage collector touch it (about 45 MB a
-    worker per 200k files, bench.py host: some 290 MB a worker on ImageNet). It pickles in one piece, for rank 0 to broadcast its listing."""
+    worker page by page as reference counts and the garbage collector touch it (about 35 MB a
+    worker per 200k files, bench.py host: some 220 MB a worker on ImageNet). It pickles in one piece, for rank 0 to broadcast its listing."""
 
     def __init__(self, root, samples):
         self.root = str(Path(root))  # as find_images writes it: the paths start with it

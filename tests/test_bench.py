@@ -49,6 +49,14 @@ def test_bench_step_and_optim_run():
         assert float(row[0].split("|")[-2]) < 1e-5, row
 
 
+def test_bench_host_runs(tmp_path):
+    """bench.py host on 2,000 generated entries: both sample lists, one row each."""
+    out = bench("host", "--files", "2000", "--host-steps", "2", "--host-workers", "1",
+                "--host-root", str(tmp_path / "many"))
+    assert len(rows(out, "python list")) == len(rows(out, "numpy")) == 1
+    assert len(list((tmp_path / "many" / "train").iterdir())) == 1000
+
+
 def test_bench_gpu_plumbing_runs_on_the_cpu(tmp_path):
     """bench_gpu.py is for a GPU machine; here its sync and train_eval parts run on the CPU at
     tiny sizes, so that the one GPU session does not find a broken script."""

@@ -77,7 +77,7 @@ EXTRA = ["--epochs", "3", "--log-interval", "1"]
 def straight(tiny_data, tmp_path_factory):
     """A 2-rank run of 3 epochs; its prev.pth is the checkpoint at the end of epoch 2."""
     out = tmp_path_factory.mktemp("scale") / "straight"
-    res = run("train_a3.py", tiny_data, out, *EXTRA, nproc=2, port=29571)
+    res = run("train_a3.py", tiny_data, out, *EXTRA, nproc=2, port=29581)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -99,7 +99,7 @@ def test_every_rank_resumes_rank0s_checkpoint(tiny_data, tmp_path, straight):
     other = "\nif RANK == 1:\n    i = sys.argv.index('--output')\n" \
             "    sys.argv[i + 1] = OUT + '-elsewhere'\n"
     res = run("train_a3.py", tiny_data, out, *EXTRA, "--resume", "auto",
-              patch=other + COUNT_LISTINGS, nproc=2, port=29572, timeout=240)
+              patch=other + COUNT_LISTINGS, nproc=2, port=29582, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout and "at epoch 3" in res.stdout
     assert rows(out) == rows(straight)
@@ -124,7 +124,7 @@ def test_a_rank_that_sees_another_checkpoint_stops_every_rank(tiny_data, tmp_pat
         ckpt.update(elapsed_s=ckpt["elapsed_s"] - 1, next=(1, 0), epoch=0)
         torch.save(ckpt, local / "last.pth")
     res = run("train_a3.py", tiny_data, out, *EXTRA, "--resume", "auto", patch=NODE_LOCAL,
-              nproc=2, port=29573 if node1 == "empty" else 29574, timeout=180)
+              nproc=2, port=29583 if node1 == "empty" else 29584, timeout=180)
     assert res.returncode != 0
     why = "does not exist" if node1 == "empty" else "another save than rank 0's"
     line = (f"error: rank 1: cannot resume from {out / 'last.pth'}, the checkpoint rank 0 "
@@ -172,7 +172,7 @@ def test_ranks_exit_after_rank0s_save(tiny_data, tmp_path):
     the others (SIGTERM, SIGKILL 30 s later), which can cut rank 0's write."""
     out = tmp_path / "run"
     res = run("train_a3.py", tiny_data, out, *EXTRA, patch="import signal\n" + SLOW_RANK0_SAVE,
-              nproc=2, port=29575, timeout=240)
+              nproc=2, port=29585, timeout=240)
     assert "stopped by a signal at epoch 2, step 2 of 3" in res.stderr, res.stderr[-3000:]
     assert json.loads((tmp_path / "run-at-exit1").read_text()) == [1, 2]
     assert res.stderr.count(f"exitcode  : {common.EXIT_STOPPED}") == 2, res.stderr[-3000:]
@@ -256,7 +256,7 @@ def test_sigusr1_to_torchrun_with_signals_to_handle_stops_with_a_checkpoint(tiny
     ranks stop after a step with a checkpoint, and the run resumes to the straight run's
     weights. Without it, SIGUSR1 kills torchrun and its ranks run on, orphaned."""
     out = tmp_path / "run"
-    cmd = [*TORCHRUN, "--master_port", "29576", "--signals-to-handle",
+    cmd = [*TORCHRUN, "--master_port", "29586", "--signals-to-handle",
            "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(ROOT / "train_a3.py"), "--data",
            str(tiny_data), "--output", str(out), *SMALL, *EXTRA]
     env = dict(os.environ, OMP_NUM_THREADS="1")
