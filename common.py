@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,13 +145,16 @@ def seed_for(seed, *keys):
 
 def seed_all(seed, cpu_only=False):
     """Seed Python's, NumPy's global and torch's generators (CPU, and every GPU unless
-    cpu_only) from one seed."""
-    random.seed(seed)
-    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    cpu_only), each from its own seed derived from `seed`. One value for all would make two of
+    them one stream: random.seed(n) and np.random.seed([n's 32-bit words]) both run MT19937's
+    init_by_array on the same key, and then draw the same numbers."""
+    py, npy, th = (seed_for(seed, k) for k in (1, 2, 3))
+    random.seed(py)
+    np.random.seed([npy & 0xFFFFFFFF, npy >> 32])
     if cpu_only:
-        torch.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(th)
     else:
-        torch.manual_seed(seed)
+        torch.manual_seed(th)
 
 
 @contextlib.contextmanager
@@ -460,15 +464,18 @@ class SampleTable:
     def __init__(self, root, samples):
         self.root = str(Path(root))  # as find_images writes it: the paths start with it
         prefix = os.path.join(self.root, "")
-        self.paths = np.array([os.fsencode(p[len(prefix):] if p.startswith(prefix) else p)
-                               for p, _ in samples], dtype=bytes)
+        names = [os.fsencode(p[len(prefix):] if p.startswith(prefix) else p) for p, _ in samples]
+        # one buffer and offsets: a fixed-width array would give every path the longest's size
+        self.names = np.frombuffer(b"".join(names), dtype=np.uint8)
+        self.offsets = np.cumsum([0] + [len(n) for n in names], dtype=np.int64)
         self.targets = np.array([t for _, t in samples], dtype=np.int64)
 
     def __len__(self):
         return len(self.targets)
 
     def __getitem__(self, i):
-        return os.path.join(self.root, os.fsdecode(self.paths[i])), int(self.targets[i])
+        name = self.names[self.offsets[i]:self.offsets[i + 1]].tobytes()
+        return os.path.join(self.root, os.fsdecode(name)), int(self.targets[i])
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -2061,7 +2068,8 @@ def setup_device(device_arg):
 
 
 # Rank 0 lists the data folders while the others wait in a collective: on a shared file system
-# 1.28M files can take minutes (README Resume and preemption), beyond NCCL's 10-minute default
+# 1.28M files can take minutes (README GPUs and nodes), beyond NCCL's 10-minute default. The
+# price: a rank that truly hangs in a collective is reported after 30 minutes, not 10
 DIST_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -2085,11 +2093,13 @@ def placement(device, rank, world):
     everyone = gather_objects(me, world)
     seen = {}
     for r, host, dev, _, uuid, _ in everyone:
-        if uuid and (host, uuid) in seen:
-            raise UserError(f"ranks {seen[host, uuid]} and {r} on {host} share one GPU ({dev}, "
+        if uuid.strip("0-") == "":  # none reported (some ROCm builds: all zeros)
+            continue
+        if uuid in seen:
+            raise UserError(f"ranks {seen[uuid]} and {r} share one GPU ({dev} on {host}, "
                             f"UUID {uuid}): give each rank its own GPU (CUDA_VISIBLE_DEVICES, "
                             "srun --gpus-per-task, or torchrun's LOCAL_RANK with all GPUs visible)")
-        seen[host, uuid] = r
+        seen[uuid] = r
     return [f"rank {r} on {host}: {dev} ({name}, CUDA_VISIBLE_DEVICES={vis})" if dev != "cpu"
             else f"rank {r} on {host}: {name}" for r, host, dev, name, _, vis in everyone]
 
@@ -2796,8 +2806,10 @@ def open_run_folder(run):
     every rank: a collective) and drops metrics rows past the checkpoint."""
     names = gather_objects(device_name(run.device), run.world)
     run.tensorboard, run.reported, run.last_save = None, set(), time.monotonic()
-    if run.rank != 0:
-        return
+    on_rank0(lambda: write_run_folder(run, names), run.world, run.rank)
+
+
+def write_run_folder(run, names):
     out, args = run.out, run.args
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(run.recipe, indent=1) + "\n")
@@ -3012,9 +3024,7 @@ def end_epoch(run, epoch, first, sums):
                train_img_s=round((run.steps - first) * run.per_device * world / train_time, 1),
                epoch_s=round(time.perf_counter() - run.t0, 1))
     run.log(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-    if run.rank == 0:
-        log_row(run, row)
-    checkpoint(run, epoch, 0, sums, row, best=is_best)
+    checkpoint(run, epoch, 0, sums, row, best=is_best)  # and the row to metrics.jsonl
     if epoch + 1 < run.recipe["epochs"] and poll_flags(
             sums[1].long(), sums[2].long(), run.stop.signum, False, world)[2]:
         raise Stopped(f"the end of epoch {epoch + 1}")
@@ -3063,7 +3073,10 @@ def where_next(run, epoch, next_step):
 
 
 def write_checkpoint(run, epoch, next_step, gathered, row, best):
-    """Rank 0's save: last.pth (prev.pth keeps the one before), best.pth linked to it."""
+    """Rank 0's save: the epoch's row, last.pth (prev.pth keeps the one before), best.pth
+    linked to it."""
+    if row is not None:  # before the checkpoint: a resume drops rows past it (trim_metrics)
+        log_row(run, row)
     elapsed = time.perf_counter() - run.started
     state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
                  ema=run.ema.state_dict() if run.ema is not None else None,
@@ -3083,13 +3096,13 @@ def write_checkpoint(run, epoch, next_step, gathered, row, best):
 
 
 def finish(run):
-    if run.rank == 0:
+    def summarise():
         if run.tensorboard is not None:
             run.tensorboard.close()
         elapsed = time.perf_counter() - run.started
-        summary = write_summary(run.out, run.recipe, run.elapsed_before + elapsed,
-                                run.device_s_before + elapsed * run.world)
-        run.log(summary_line(summary))
+        run.log(summary_line(write_summary(run.out, run.recipe, run.elapsed_before + elapsed,
+                                           run.device_s_before + elapsed * run.world)))
+    on_rank0(summarise, run.world, run.rank)
     if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -3355,6 +3368,8 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
                 print(args.lr_note)
         return train(recipe, args)
     except Stopped as e:
+        if dist.is_initialized():  # every rank stops here at the same step: a clean teardown
+            dist.destroy_process_group()
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped by a signal at {e}, after saving {Path(args.output) / 'last.pth'}; "
                   f"continue with the same command and --resume auto", file=sys.stderr)
@@ -3367,7 +3382,11 @@ def main(recipe, demo=None, argv=None, variants=None, by_model=None):
         if lines and lines[-1].startswith("UserError: "):
             print(f"error: {lines[-1][len('UserError: '):]}", file=sys.stderr)
             sys.exit(2)
-        raise
+        # printed and ended here, not re-raised: Python would keep an uncaught exception, and
+        # through it the run's persistent loaders, alive past exit, where multiprocessing sends
+        # their workers SIGTERM, which they ignore (worker_init), and waits for them forever
+        traceback.print_exc()
+        sys.exit(1)
 
 
 # ==================================================================================================

@@ -84,3 +84,38 @@ def test_loader_workers_do_not_change_the_run(tiny_data, tmp_path):
     assert other.returncode == 0
     assert json.loads((tmp_path / "seed1" / "metrics.jsonl").read_text().splitlines()[0]) \
         != rows(tmp_path / "0")[0]
+
+
+def test_seed_all_gives_python_numpy_and_torch_streams_of_their_own():
+    """After seed_all(s) the three generators draw unrelated numbers. Seeded with one value,
+    Python's random and NumPy's global RandomState were one MT19937 stream (both seed through
+    init_by_array on the value's 32-bit words): the crop draws and RandAugment's op draws of a
+    batch came from the same numbers. Pearson correlation of 2,000 draws: |r| < 0.1 (4.5
+    standard errors), for 20 batch seeds."""
+    for b in range(20):
+        common.seed_all(seed_for(0, SEED_BATCH, 0, b), cpu_only=True)
+        draws = torch.tensor([[common.random.random() for _ in range(2000)],
+                              common.np.random.random_sample(2000).tolist(),
+                              torch.rand(2000, dtype=torch.float64).tolist()])
+        r = torch.corrcoef(draws)
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            assert abs(r[i, j]) < 0.1, (b, i, j, float(r[i, j]))
+
+
+def test_first_draws_of_the_batches_of_a_run_are_uniform_and_never_repeat():
+    """The per-batch reseeding over 3 epochs of 1,500 batches: each batch's first Python,
+    NumPy and torch draws (the first crop scale, RandAugment op, flip) are all distinct across
+    the run and uniform on [0, 1) (Kolmogorov-Smirnov, D < 1.95 / sqrt(n): level 0.001). A
+    reseed that repeats or a seed shared between batches fails it."""
+    firsts = []
+    for epoch in range(3):
+        for b in range(1500):
+            common.seed_all(seed_for(0, SEED_BATCH, epoch, b), cpu_only=True)
+            firsts.append((common.random.random(), float(common.np.random.random_sample()),
+                           float(torch.rand(1, dtype=torch.float64))))
+    n = len(firsts)
+    for k in range(3):
+        u = sorted(f[k] for f in firsts)
+        assert len(set(u)) == n
+        d = max(max((i + 1) / n - x, x - i / n) for i, x in enumerate(u))
+        assert d < 1.95 / n ** 0.5, (k, d)
