@@ -459,7 +459,8 @@ class SampleTable:
     """A folder's [(path, class index)] as two NumPy arrays (paths relative to the folder, as
     bytes). Forked loader workers share it: a Python list of 1.28M tuples is copied into every
     worker page by page as reference counts and the garbage collector touch it (about 35 MB a
-    worker per 200k files, bench.py host: some 220 MB a worker on ImageNet). It pickles in one piece, for rank 0 to broadcast its listing."""
+    worker per 200k files, bench.py host: some 220 MB a worker on ImageNet). It pickles in one
+    piece, for rank 0 to broadcast its listing."""
 
     def __init__(self, root, samples):
         self.root = str(Path(root))  # as find_images writes it: the paths start with it
@@ -2076,14 +2077,13 @@ DIST_TIMEOUT = datetime.timedelta(minutes=30)
 def cuda_index(local_rank, visible):
     """The GPU of this rank among those it can see: its LOCAL_RANK under torchrun (every GPU
     of the node visible), or the one GPU that srun / a scheduler bound to it (one visible)."""
-    if visible < 1:
-        raise UserError("--device cuda asked for, but torch sees no CUDA GPU")
     return local_rank % visible
 
 
 def placement(device, rank, world):
-    """One line per rank, for rank 0 to print: where each rank runs (a collective). Two ranks on
-    one physical GPU (the same UUID) are refused: NCCL would fail later, less clearly."""
+    """(one line per rank for rank 0 to print: where it runs, every rank's device name): a
+    collective. Two ranks on one physical GPU (the same UUID) are refused: NCCL would fail
+    later, less clearly."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         me = (rank, socket.gethostname(), str(device), props.name, str(getattr(props, "uuid", "")),
@@ -2100,8 +2100,9 @@ def placement(device, rank, world):
                             f"UUID {uuid}): give each rank its own GPU (CUDA_VISIBLE_DEVICES, "
                             "srun --gpus-per-task, or torchrun's LOCAL_RANK with all GPUs visible)")
         seen[uuid] = r
-    return [f"rank {r} on {host}: {dev} ({name}, CUDA_VISIBLE_DEVICES={vis})" if dev != "cpu"
-            else f"rank {r} on {host}: {name}" for r, host, dev, name, _, vis in everyone]
+    lines = [f"rank {r} on {host}: {dev} ({name}, CUDA_VISIBLE_DEVICES={vis})" if dev != "cpu"
+             else f"rank {r} on {host}: {name}" for r, host, dev, name, _, vis in everyone]
+    return lines, [name for _, _, _, name, _, _ in everyone]
 
 
 def split_batch(batch_size, world, device_batch=None, accum_steps=None):
@@ -2517,15 +2518,21 @@ class StopRequest:
         self.signum = signum
 
 
-def poll_flags(bad_steps, streak, stop, save, world):
-    """Collective: (non-finite losses, of them in a row, stop asked, save due), the maxima
-    over ranks, so that every rank takes the same decision at the same step (one rank breaking
-    alone would leave the others waiting in DDP's next all-reduce). One sync per call."""
-    flags = torch.stack([bad_steps, streak, torch.full_like(bad_steps, int(stop)),
-                         torch.full_like(bad_steps, int(save))])
+def rank_maxima(values, world):
+    """Collective: the maxima over ranks of a few int64 scalars, as a list (one all-reduce,
+    one sync), so that every rank takes the same decision at the same step (one rank breaking
+    alone would leave the others waiting in DDP's next all-reduce)."""
+    flags = torch.stack(values)
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags.tolist()
+
+
+def poll_flags(bad_steps, streak, stop, save, world):
+    """Collective: (non-finite losses, of them in a row, stop asked, save due), the maxima
+    over ranks."""
+    return rank_maxima([bad_steps, streak, torch.full_like(bad_steps, int(stop)),
+                        torch.full_like(bad_steps, int(save))], world)
 
 
 SKIPPED_IN_A_ROW = 25  # fp16: non-finite losses in a row that end a run (65536 -> 1 is 17 halvings)
@@ -2658,7 +2665,7 @@ def train(recipe, args):
         raise UserError(f"data folder {args.data} does not exist")
     run.device, run.rank, run.world = setup_device(args.device)
     run.log = print if run.rank == 0 else (lambda *a, **k: None)
-    where = placement(run.device, run.rank, run.world)
+    where, run.device_names = placement(run.device, run.rank, run.world)
     if run.world > 1 or run.device.type == "cuda":
         run.log("\n".join(where))
     plan_batch(run, recipe)   # per-device batch, accumulation; lr scaled to the global batch
@@ -2701,7 +2708,7 @@ def make_data(run):
     args, recipe, rank, world = run.args, run.recipe, run.rank, run.world
     if args.workers:
         chosen = (f" (the cores per process, at most {WORKER_CAP}: each worker holds its own "
-                  "memory)" if getattr(args, "workers_default", False) else "")
+                  "memory)" if args.workers_default else "")
         run.log(f"{args.workers} loader worker(s) per process{chosen}: at about 230-340 "
                 f"ResNet-50 img/s each (README Speed) they feed up to ~{230 * args.workers:,}-"
                 f"{340 * args.workers:,} img/s per process; --workers to change")
@@ -2802,20 +2809,20 @@ def resume(run):
 
 
 def open_run_folder(run):
-    """Rank 0 writes recipe.json, appends this start to provenance.json (the device names of
-    every rank: a collective) and drops metrics rows past the checkpoint."""
-    names = gather_objects(device_name(run.device), run.world)
+    """Rank 0 writes recipe.json, appends this start to provenance.json (with every rank's
+    device name, from placement) and drops metrics rows past the checkpoint; a failure there
+    reaches every rank."""
     run.tensorboard, run.reported, run.last_save = None, set(), time.monotonic()
-    on_rank0(lambda: write_run_folder(run, names), run.world, run.rank)
+    on_rank0(lambda: write_run_folder(run), run.world, run.rank)
 
 
-def write_run_folder(run, names):
+def write_run_folder(run):
     out, args = run.out, run.args
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(run.recipe, indent=1) + "\n")
     trim_metrics(out / "metrics.jsonl", run.start_epoch)
     add_provenance(out / "provenance.json", dict(
-        devices=names, world_size=run.world, device_batch=run.per_device,
+        devices=run.device_names, world_size=run.world, device_batch=run.per_device,
         accum_steps=run.accum, workers=args.workers, precision=amp_name(run.amp_dtype),
         channels_last=run.channels_last, compile=bool(args.compile), seed=args.seed,
         resumed_from=run.resumed_from and str(run.resumed_from),
@@ -2913,14 +2920,16 @@ def train_epoch(run, epoch, first):
     return sums
 
 
+def weights_bad(model):
+    """A 0-dim bool tensor (no sync): whether any weight of `model` is nan or inf."""
+    return torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).any()
+
+
 def healthy(run, sums):
     """Collective, before a save inside an epoch: no non-finite loss this epoch that stops the
     run (nonfinite_stop) and finite weights on every rank."""
-    weights_bad = torch.stack([~torch.isfinite(p).all() for p in run.model.parameters()]).any()
-    flags = torch.stack([sums[1].long(), sums[2].long(), weights_bad.long()])
-    if run.world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, in_a_row, weights = flags.tolist()
+    bad, in_a_row, weights = rank_maxima([sums[1].long(), sums[2].long(),
+                                          weights_bad(run.model).long()], run.world)
     return not weights and not nonfinite_stop(bad, in_a_row, run.scaler)
 
 
@@ -2979,8 +2988,7 @@ def end_epoch(run, epoch, first, sums):
     checkpoint, best.pth; a signal during all this stops the run here."""
     world, scaler = run.world, run.scaler
     # with the ranks' sums, whether a rank's weights are not finite (none is saved then)
-    weights_bad = torch.stack([~torch.isfinite(p).all() for p in run.model.parameters()]).any()
-    totals = torch.cat([sums, weights_bad.to(sums.dtype)[None]])
+    totals = torch.cat([sums, weights_bad(run.model).to(sums.dtype)[None]])
     if world > 1:
         dist.all_reduce(totals)
     loss_total, bad = totals[0].item(), int(totals[1].item())

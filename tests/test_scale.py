@@ -48,12 +48,13 @@ def test_two_ranks_on_one_gpu_are_refused(monkeypatch):
         common.placement(torch.device("cuda", 0), 0, 2)
     monkeypatch.setattr(common, "gather_objects", lambda obj, world: [
         (r, f"node{r}", "cuda:0", "NVIDIA H200", f"GPU-{r}", "0") for r in range(world)])
-    lines = common.placement(torch.device("cuda", 0), 0, 2)  # one GPU a node: fine
+    lines, names = common.placement(torch.device("cuda", 0), 0, 2)  # one GPU a node: fine
     assert lines[1] == "rank 1 on node1: cuda:0 (NVIDIA H200, CUDA_VISIBLE_DEVICES=0)"
+    assert names == ["NVIDIA H200", "NVIDIA H200"]
     monkeypatch.setattr(common, "gather_objects", lambda obj, world: [  # no UUIDs: no check
         (r, "node0", f"cuda:{r}", "AMD GPU", "00000000-0000-0000-0000-000000000000", "")
         for r in range(world)])
-    assert len(common.placement(torch.device("cuda", 0), 0, 2)) == 2
+    assert len(common.placement(torch.device("cuda", 0), 0, 2)[0]) == 2
 
 
 # ---- one checkpoint for every rank --------------------------------------------------------------
@@ -117,8 +118,8 @@ def test_every_rank_resumes_rank0s_checkpoint(tiny_data, tmp_path, straight):
 def test_a_rank_that_sees_another_checkpoint_stops_every_rank(tiny_data, tmp_path, straight,
                                                              node1):
     """Node-local --output: rank 1 finds no file, or another save, where rank 0 resumes. Every
-    rank stops with the same line (unless torchrun stops it first), exit 2. Before, rank 1 picked its own (or none) and the run
-    went on with replicas at different epochs."""
+    rank stops with the same line (unless torchrun stops it first), exit 2. Before, rank 1
+    picked its own (or none) and the run went on with replicas at different epochs."""
     out = tmp_path / "run"
     copy_run(straight, out)
     local = tmp_path / "run-node1"
@@ -184,7 +185,7 @@ def test_ranks_exit_after_rank0s_save(tiny_data, tmp_path):
     assert f"exitcode  : {common.EXIT_STOPPED}" in res.stderr, res.stderr[-3000:]
 
 
-# ---- no save of non-finite weights ----------------------------------------------------------------
+# ---- no save of non-finite weights ---------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["signal", "save_every"])
 def test_a_save_inside_an_epoch_checks_the_loss_first(tiny_data, tmp_path, how):
