@@ -2933,14 +2933,22 @@ def healthy(run, sums):
     return not weights and not nonfinite_stop(bad, in_a_row, run.scaler)
 
 
+def seed_step(seed, epoch, step, rank):
+    """Seed the main process's streams for one micro-step from (seed, epoch, step, rank):
+    Python's (erasing's geometry), NumPy's and torch's (erasing's noise, drop path, dropout) by
+    seed_all, and return the NumPy generator Mixup / CutMix draw from (another stream)."""
+    step_seed = seed_for(seed, SEED_STEP, epoch, step, rank)
+    seed_all(step_seed)
+    return np.random.default_rng(step_seed)
+
+
 def train_step(run, images, target, epoch, step):
     """One micro-step; an optimizer update (clip, step, EMA) at the last of `accum`. Returns
     the loss (detached, float64) and whether an update happened."""
     recipe, model, optimizer, scaler = run.recipe, run.model, run.optimizer, run.scaler
     # erasing, Mixup/CutMix, drop path and dropout draw from streams seeded here: a function
     # of (seed, epoch, step, rank), so a run resumed at any step continues exactly
-    step_seed = seed_for(run.args.seed, SEED_STEP, epoch, step, run.rank)
-    seed_all(step_seed)
+    mix_rng = seed_step(run.args.seed, epoch, step, run.rank)
     t = epoch + (step // run.accum * run.accum) / run.steps if recipe["sched_per_step"] \
         else epoch
     run.lr = lr_at(t, recipe, noise_seed=run.noise_seed)
@@ -2949,7 +2957,7 @@ def train_step(run, images, target, epoch, step):
     if not run.channels_last:
         images = images.contiguous()
     images, target = augment_batch(images, target, recipe, len(run.train_set.classes),
-                                   np.random.default_rng(step_seed))
+                                   mix_rng)
     last_micro = (step + 1) % run.accum == 0
     # DDP all-reduces gradients at the last micro-step of an update only
     sync = run.ddp_model.no_sync() if run.world > 1 and not last_micro \

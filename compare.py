@@ -4,6 +4,7 @@ difference of the means with a 95% confidence interval, and the wall-time ratio.
 never in CI (README "Compared with the reference code" comes from it).
 
     python compare.py digits /tmp/digits          # the README's data (needs scikit-learn)
+    python compare.py digits /tmp/digits-random --split random   # the same images, split at random
     python compare.py a3 --data /tmp/digits --reference ~/pytorch-image-models/train.py --seeds 8
     python compare.py tv --data /tmp/digits --reference ~/vision/references/classification/train.py
 
@@ -55,9 +56,20 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 # The data: UCI handwritten digits as 32 px RGB PNGs, a fixed 80/20 split per class
 # ==================================================================================================
 
-def make_digits(root, size=32):
-    """root/{train,val}/<digit>/<i>.png: the last ceil(20%) of each class (in the data set's
-    order) is val, 1,433 train and 364 val images."""
+def digits_split(sizes, split):
+    """The train indices of each class (of `sizes` images, in the data set's order)."""
+    import numpy as np
+    if split == "fixed":
+        return [set(range(n - math.ceil(0.2 * n))) for n in sizes]
+    rng = np.random.default_rng(0)  # one generator, the classes in order
+    return [set(rng.permutation(n)[:int(0.8 * n)].tolist()) for n in sizes]
+
+
+def make_digits(root, size=32, split="fixed"):
+    """root/{train,val}/<digit>/<i>.png, 1,433 train and 364 val images. split "fixed": the
+    last ceil(20%) of each class (in the data set's order) is val, values rounded. "random":
+    for each class in order 0..9, its indices shuffled by one numpy default_rng(0), the first
+    int(0.8 n) train, the rest val, values truncated (a reviewer's split, issue 22)."""
     try:
         from sklearn.datasets import load_digits  # ships the data: no download
     except ImportError:
@@ -65,14 +77,14 @@ def make_digits(root, size=32):
     from PIL import Image
     digits = load_digits()
     root = Path(root)
-    for label in range(10):
+    sizes = [int((digits.target == label).sum()) for label in range(10)]
+    for label, train in enumerate(digits_split(sizes, split)):
         images = digits.images[digits.target == label]
-        n_val = math.ceil(0.2 * len(images))
         for i, image in enumerate(images):
-            split = "val" if i >= len(images) - n_val else "train"
-            folder = root / split / str(label)
+            folder = root / ("train" if i in train else "val") / str(label)
             folder.mkdir(parents=True, exist_ok=True)
-            pixels = (image * (255 / 16)).round().astype("uint8")
+            pixels = image * (255 / 16)
+            pixels = (pixels if split == "random" else pixels.round()).astype("uint8")
             Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert("RGB").save(
                 folder / f"{i:04d}.png")
     counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "val")}
@@ -278,9 +290,10 @@ def tv_reference(argv):
 AMP_DTYPE = {"timm": "bf16", "tv": "fp16"}
 
 
-def our_command(script, data, seed, workers, out, argv, amp):
-    """`amp`: None on a CPU, else our --amp-dtype (bf16, fp16 or off)."""
-    return [sys.executable, str(ROOT / script), "--data", data, "--seed", str(seed), "--workers",
+def our_command(script, data, seed, workers, out, argv, amp, root=ROOT):
+    """`amp`: None on a CPU, else our --amp-dtype (bf16, fp16 or off); `root`: the checkout
+    whose script runs (another one for --reference-checkout)."""
+    return [sys.executable, str(Path(root) / script), "--data", data, "--seed", str(seed), "--workers",
             str(workers), "--output", str(out), "--quiet",
             *(["--amp-dtype", amp] if amp else []), *argv]
 
@@ -397,6 +410,60 @@ def difference(ours, ref):
     return diff, t975(df) * math.sqrt(se2), diff / pooled if pooled else math.inf
 
 
+def incomplete_beta(x, a, b):
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Lentz's
+    method), on the side of x where it converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(1.0 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            term = 1.0
+        elif i % 2:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + term * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + term / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def f_cdf(x, d1, d2):
+    """P(F <= x) for Fisher's F with (d1, d2) degrees of freedom."""
+    return incomplete_beta(d1 * x / (d1 * x + d2), d1 / 2, d2 / 2) if x > 0 else 0.0
+
+
+def f_quantile(q, d1, d2):
+    lo, hi = 0.0, 1.0
+    while f_cdf(hi, d1, d2) < q:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f_cdf(mid, d1, d2) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def variance_ratio(ours, ref):
+    """(var ours / var reference, its 95% interval, the two-sided p of the F test of equal
+    variances). The F test assumes normal samples; with 16 seeds a side a ratio of about 2.9
+    is needed to reach p < 0.05."""
+    d1, d2 = len(ours) - 1, len(ref) - 1
+    ratio = statistics.variance(ours) / statistics.variance(ref)
+    interval = (ratio / f_quantile(0.975, d1, d2), ratio / f_quantile(0.025, d1, d2))
+    p = 2 * min(f_cdf(ratio, d1, d2), 1 - f_cdf(ratio, d1, d2))
+    return ratio, interval, min(p, 1.0)
+
+
 def describe(values):
     return (f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} "
             f"(min {min(values):.2f}, max {max(values):.2f})")
@@ -405,7 +472,10 @@ def describe(values):
 def report(name, results):
     ours, ref = results["ours"], results["reference"]
     seeds = ", ".join(str(s) for s in results["seeds"])
-    lines = [f"{name}: {len(ours)} seeds a side ({seeds}, the same numbers on both sides)",
+    ref_seeds = results.get("reference_seeds", results["seeds"])
+    same = ("the same numbers on both sides" if ref_seeds == results["seeds"] else
+            "reference seeds " + ", ".join(str(s) for s in ref_seeds))
+    lines = [f"{name}: {len(ours)} seeds a side ({seeds}; {same})",
              "| | final top-1 | best top-1 | wall time |", "|---|---|---|---|"]
     for side, runs in (("ours", ours), ("reference", ref)):
         lines.append(f"| {side} | {describe([r['final'] for r in runs])} | "
@@ -415,6 +485,10 @@ def report(name, results):
         diff, half, effect = difference([r[key] for r in ours], [r[key] for r in ref])
         lines.append(f"{key} top-1, ours - reference: {diff:+.2f} (95% CI {diff - half:+.2f} to "
                      f"{diff + half:+.2f}), {effect:+.2f} pooled standard deviations")
+    for key in ("final", "best"):
+        ratio, (lo, hi), p = variance_ratio([r[key] for r in ours], [r[key] for r in ref])
+        lines.append(f"{key} top-1, variance ours / reference: {ratio:.2f} (95% CI {lo:.2f} to "
+                     f"{hi:.2f}), F test p = {p:.3f}")
     ratio = (statistics.mean(r["seconds"] for r in ours) /
              statistics.mean(r["seconds"] for r in ref))
     lines.append(f"wall time ours / reference: {ratio:.2f}")
@@ -428,18 +502,27 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["digits"]:
-        if len(argv) != 2:
-            sys.exit("usage: python compare.py digits DIR")
-        return make_digits(argv[1])
+        split = argv[3] if len(argv) == 4 and argv[2] == "--split" else "fixed"
+        if len(argv) not in (2, 4) or split not in ("fixed", "random"):
+            sys.exit("usage: python compare.py digits DIR [--split fixed|random]")
+        return make_digits(argv[1], split=split)
     if argv[:1] == ["tv-reference"]:
         return tv_reference(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("comparison", choices=list(COMPARISONS))
     p.add_argument("--data", required=True, help="folder with train/ and val/")
-    p.add_argument("--reference", required=True,
+    p.add_argument("--reference",
                    help="path of timm's train.py, or of torchvision's references/classification/"
                    "train.py for tv")
+    p.add_argument("--reference-checkout", metavar="DIR",
+                   help="instead of --reference: the same recipe script of another checkout of "
+                   "this code (git worktree add DIR COMMIT), to see whether a change moved "
+                   "accuracy; its seeds are --reference-seed-stride apart")
+    p.add_argument("--reference-seed-stride", type=int, default=None,
+                   help="the reference side's seeds first, first + stride, ... (default: "
+                   "--seed-stride); 1000 for checkouts whose seeds share data orders one epoch "
+                   "apart (seed + epoch, before 2026-11-27)")
     p.add_argument("--seeds", type=int, default=8, help="seeds a side: 0..N-1 (default 8)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seed-stride", type=int, default=1,
@@ -453,6 +536,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.seeds < 2:
         p.error("--seeds: at least 2 a side, for a standard deviation")
+    if bool(args.reference) == bool(args.reference_checkout):
+        p.error("give one of --reference and --reference-checkout")
     kind, script, overrides = COMPARISONS[args.comparison]
     translate, reference_command, reference_rows = REFERENCES[kind]
     overrides = dict(overrides, **{k.replace("-", "_"): v for k, v in args.set})
@@ -465,21 +550,38 @@ def main(argv=None):
     if kind == "tv":
         check_tv_epoch(recipe, args.data)
     seeds = [args.first_seed + k * args.seed_stride for k in range(args.seeds)]
-    results = dict(seeds=seeds, recipe=recipe, ours=[], reference=[])
-    print(f"{args.comparison}: {script} {' '.join(flags)}\n  {kind}: {' '.join(translate(recipe))}")
-    for seed in seeds:  # the two sides alternate, so that a slower machine hour hits both
-        print(f"seed {seed}", flush=True)
+    stride = args.reference_seed_stride or args.seed_stride
+    ref_seeds = [args.first_seed + k * stride for k in range(args.seeds)]
+    results = dict(seeds=seeds, reference_seeds=ref_seeds, recipe=recipe, ours=[], reference=[])
+    if args.reference_checkout:  # our own script at another commit, our flags and results
+        checkout = Path(args.reference_checkout).resolve()
+        if not (checkout / script).is_file():
+            p.error(f"--reference-checkout: no {script} in {checkout}")
+        print(f"{args.comparison}: {script} {' '.join(flags)}\n  reference: {checkout / script}")
+
+        def reference_command(_, recipe, data, seed, workers, out, cuda):
+            return our_command(script, data, seed, workers, out, flags, amp, root=checkout)
+
+        def reference_rows(o, log):
+            return our_rows(o)
+    else:
+        print(f"{args.comparison}: {script} {' '.join(flags)}\n  {kind}: "
+              f"{' '.join(translate(recipe))}")
+    for seed, ref_seed in zip(seeds, ref_seeds):  # the sides alternate: a slow hour hits both
+        print(f"seed {seed}" + (f", reference seed {ref_seed}" if ref_seed != seed else ""),
+              flush=True)
         mine = out / f"ours-seed{seed}"
         results["ours"].append(run_one(
             "ours", our_command(script, args.data, seed, args.workers, mine, flags, amp), mine,
             recipe["epochs"], args.threads, lambda o, log: our_rows(o)))
-        theirs = out / f"reference-seed{seed}"
+        theirs = out / f"reference-seed{ref_seed}"
         results["reference"].append(run_one(
-            "reference", reference_command(args.reference, recipe, args.data, seed, args.workers,
-                                           theirs, cuda),
+            "reference", reference_command(args.reference, recipe, args.data, ref_seed,
+                                           args.workers, theirs, cuda),
             theirs, recipe["epochs"], args.threads, reference_rows))
         print(f"  top-1 ours {results['ours'][-1]['final']:.2f}, reference "
               f"{results['reference'][-1]['final']:.2f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     text = report(args.comparison, results)
     print(text)
     (out / "compare.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -144,3 +144,67 @@ def test_tv_refusals_warmup_and_an_epoch_the_batch_does_not_divide(tmp_path):
         compare.check_tv_epoch(dict(r, batch_size=4), tmp_path)
     with pytest.raises(common.UserError, match="epoch of 0 images"):  # RA keeps 10 // 256 * 256
         compare.check_tv_epoch(dict(r, repeated_aug=4), tmp_path)
+
+
+def test_variance_ratio_f_test_against_tabled_values():
+    """F(15, 15): P(F <= 2) = 0.904471, 0.975 quantile 2.862093 (scipy.stats.f, computed
+    outside the suite); var ratio of [1, 2, 3, 4, 5, 9] to [2, 3, 3, 4, 4, 5] = 7.27, p 0.0482."""
+    assert compare.f_cdf(2.0, 15, 15) == pytest.approx(0.904471186, abs=1e-8)
+    assert compare.f_cdf(1.2, 3, 40) == pytest.approx(0.677866234, abs=1e-8)
+    assert compare.f_quantile(0.975, 15, 15) == pytest.approx(2.862092530, abs=1e-7)
+    assert compare.f_quantile(0.025, 15, 15) == pytest.approx(0.349394714, abs=1e-7)
+    ratio, (lo, hi), p = compare.variance_ratio([1, 2, 3, 4, 5, 9], [2, 3, 3, 4, 4, 5])
+    assert ratio == pytest.approx(80 / 11) and p == pytest.approx(0.0482182, abs=1e-6)
+    assert 1 < lo < ratio < hi  # p < 0.05: the interval leaves out 1
+    assert compare.variance_ratio([1, 2, 3], [1, 2, 3])[2] == pytest.approx(1.0)
+
+
+def test_reference_checkout_runs_our_script_of_another_checkout(tmp_path, monkeypatch):
+    """--reference-checkout DIR: the reference side is DIR's copy of the recipe script with our
+    flags, its seeds --reference-seed-stride apart, its results read from its metrics.jsonl;
+    the report names both seed lists. run_one is replaced: no training."""
+    import json
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_a3.py").write_text("")
+    calls = []
+
+    def fake_run(side, cmd, out, epochs, threads, parse):
+        calls.append((side, cmd))
+        top1 = 50.0 + len(calls)
+        return dict(final=top1, best=top1 + 1, final_ema=None, lr=[0.1] * epochs, seconds=1.0,
+                    command=cmd)
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    compare.main(["a3", "--data", str(tmp_path), "--reference-checkout", str(tmp_path / "old"),
+                  "--reference-seed-stride", "1000", "--seeds", "3", "--out",
+                  str(tmp_path / "runs")])
+    ours = [c for s, c in calls if s == "ours"]
+    ref = [c for s, c in calls if s == "reference"]
+    assert [c[1] for c in ref] == [str(tmp_path / "old" / "train_a3.py")] * 3
+    assert [c[1] for c in ours] == [str(compare.ROOT / "train_a3.py")] * 3
+    seed = [c[c.index("--seed") + 1] for c in ref]
+    assert seed == ["0", "1000", "2000"]
+    assert [c[c.index("--seed") + 1] for c in ours] == ["0", "1", "2"]
+    assert ref[0][ref[0].index("--lr") + 1] == "0.004"  # COMPARISONS' a3 overrides, both sides
+    assert ref[1][ref[1].index("--output") + 1].endswith("reference-seed1000")
+    text = (tmp_path / "runs" / "compare.md").read_text()
+    assert "reference seeds 0, 1000, 2000" in text and "F test p" in text
+    assert json.loads((tmp_path / "runs" / "compare.json").read_text())["reference_seeds"] == \
+        [0, 1000, 2000]
+    with pytest.raises(SystemExit):
+        compare.main(["a3", "--data", str(tmp_path), "--reference", "x",
+                      "--reference-checkout", str(tmp_path / "old")])
+
+
+def test_random_digits_split_is_the_reviewers():
+    """--split random: per class, its indices shuffled by one default_rng(0) in class order,
+    the first int(0.8 n) train; on the digits' class sizes 1,433 / 364 images, as the fixed
+    split, but other val images."""
+    import numpy as np
+    sizes = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn's load_digits
+    random, fixed = compare.digits_split(sizes, "random"), compare.digits_split(sizes, "fixed")
+    assert sum(map(len, random)) == sum(map(len, fixed)) == 1433
+    assert all(len(r) == int(0.8 * n) for r, n in zip(random, sizes))
+    assert random != fixed and fixed[0] == set(range(178 - 36))
+    rng = np.random.default_rng(0)
+    first = [set(rng.permutation(n)[:int(0.8 * n)].tolist()) for n in sizes[:2]]
+    assert random[:2] == first
