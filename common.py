@@ -69,6 +69,7 @@ DEFAULTS = dict(
     lr=None,                    # peak lr for batch_size; every script sets it
     weight_decay=0.0,           # L2 in the gradient (SGD, RMSpropTF) or decoupled (LAMB, AdamP)
     wd_groups="timm",           # who skips decay: timm (all ndim <= 1) | tv (norm layers only)
+                                # | all (none: tv's train.py without --norm-weight-decay)
     momentum=None,              # SGD / RMSpropTF momentum
     nesterov=None,              # Nesterov momentum: SGD; AdamP's is on unless False
     opt_eps=None,               # optimizer epsilon (None: the optimizer's own)
@@ -109,7 +110,7 @@ DEFAULTS = dict(
     top1_source=None,
 )
 REQUIRED = ("recipe", "model", "epochs", "batch_size", "opt", "lr")
-CHOICES = dict(opt=("lamb", "rmsproptf", "sgd", "adamp"), wd_groups=("timm", "tv"),
+CHOICES = dict(opt=("lamb", "rmsproptf", "sgd", "adamp"), wd_groups=("timm", "tv", "all"),
                sched=("cosine", "step"), loss=("ce", "bce"), mixup_style=("timm", "tv"),
                ema_style=("timm", "tv", "tf"))  # a typo is an error, never a silent default
 
@@ -364,6 +365,9 @@ MODELS = {
     "resnetrs101": (Bottleneck, (3, 4, 23, 3), RESNET_RS),
     "resnetrs152": (Bottleneck, (3, 8, 36, 3), RESNET_RS),
     "resnetrs200": (Bottleneck, (3, 24, 36, 3), RESNET_RS),
+    # RS Table 1 row 9: ResNet-200 + SE (ratio 1/4, RS's) before ResNet-D: the plain stem and
+    # shortcuts (timm has no such model; its seresnet* use 1/16)
+    "seresnet200_rs": (Bottleneck, (3, 24, 36, 3), dict(se_ratio=0.25)),
     "resnetrs270": (Bottleneck, (4, 29, 53, 4), RESNET_RS),
     "resnetrs350": (Bottleneck, (4, 36, 72, 4), RESNET_RS),
     "resnetrs420": (Bottleneck, (4, 44, 87, 4), RESNET_RS),
@@ -1830,7 +1834,8 @@ OPTIMIZERS = ("lamb", "rmsproptf", "sgd", "adamp")
 
 def create_optimizer(model, recipe):
     """The recipe's optimizer over its weight-decay groups: wd_groups "timm" (no decay on
-    ndim <= 1 and .bias, timm's filter_bias_and_bn) or "tv" (no decay on norm layers only).
+    ndim <= 1 and .bias, timm's filter_bias_and_bn), "tv" (no decay on norm layers only) or
+    "all" (decay on every parameter).
     opt_eps / opt_betas None: the optimizer's own default, as timm's --opt-eps / --opt-betas."""
     opt, lr, wd = recipe["opt"], recipe["lr"], recipe["weight_decay"]
     if opt not in OPTIMIZERS:
@@ -1839,8 +1844,10 @@ def create_optimizer(model, recipe):
         groups = param_groups(model, wd)
     elif recipe["wd_groups"] == "tv":
         groups = tv_param_groups(model, wd)
+    elif recipe["wd_groups"] == "all":  # tv's old ResNet-50 baseline (the blog's row 0)
+        groups = tv_param_groups(model, wd, norm_weight_decay=None)
     else:
-        raise UserError(f"unknown wd_groups {recipe['wd_groups']!r} (have: timm, tv)")
+        raise UserError(f"unknown wd_groups {recipe['wd_groups']!r} (have: timm, tv, all)")
     eps = {} if recipe["opt_eps"] is None else dict(eps=recipe["opt_eps"])
     betas = {} if recipe["opt_betas"] is None else dict(betas=tuple(recipe["opt_betas"]))
     if opt in ("rmsproptf", "sgd") and recipe["momentum"] is None:

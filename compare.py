@@ -187,13 +187,14 @@ def tv_args(r):
          "--val-resize-size", r["eval_resize"], "--interpolation", r["interpolation"],
          "--opt", "sgd_nesterov" if r["nesterov"] else "sgd", "--lr", r["lr"],
          "--momentum", r["momentum"] or 0, "--wd", r["weight_decay"],
-         "--norm-weight-decay", 0,  # both groupings exempt the norm layers
          "--lr-scheduler", "cosineannealinglr", "--lr-min", r["min_lr"] or 0,
          "--lr-warmup-epochs", r["warmup_epochs"], "--lr-warmup-method", "linear",
          "--lr-warmup-decay", r["warmup_factor"] or 1,  # unused without a warmup
          "--label-smoothing", r["label_smoothing"],
          "--mixup-alpha", r["mixup"], "--cutmix-alpha", r["cutmix"],
          "--random-erase", r["reprob"]]
+    if r["wd_groups"] != "all":  # tv's default without the flag decays every parameter
+        a += ["--norm-weight-decay", 0]  # timm's and tv's groupings exempt the norm layers
     if r["wd_groups"] == "timm":  # timm exempts every tensor of ndim <= 1: the biases too
         a += ["--bias-weight-decay", 0]
     if r["auto_augment"]:
@@ -293,8 +294,8 @@ AMP_DTYPE = {"timm": "bf16", "tv": "fp16"}
 def our_command(script, data, seed, workers, out, argv, amp, root=ROOT):
     """`amp`: None on a CPU, else our --amp-dtype (bf16, fp16 or off); `root`: the checkout
     whose script runs (another one for --reference-checkout)."""
-    return [sys.executable, str(Path(root) / script), "--data", data, "--seed", str(seed), "--workers",
-            str(workers), "--output", str(out), "--quiet",
+    return [sys.executable, str(Path(root) / script), "--data", data, "--seed", str(seed),
+            "--workers", str(workers), "--output", str(out), "--quiet",
             *(["--amp-dtype", amp] if amp else []), *argv]
 
 

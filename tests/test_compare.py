@@ -50,7 +50,7 @@ def test_tv_flags_of_recipe_tv_and_refusal_of_timm_recipes():
     flags = " ".join(compare.tv_args(r))
     for part in ("--model resnet50 --epochs 600 -b 64", "--train-crop-size 28 --val-crop-size 32"
                  " --val-resize-size 33 --interpolation bilinear", "--opt sgd --lr 0.03125 "
-                 "--momentum 0.9 --wd 2e-05 --norm-weight-decay 0", "--lr-scheduler "
+                 "--momentum 0.9 --wd 2e-05", "--norm-weight-decay 0", "--lr-scheduler "
                  "cosineannealinglr --lr-min 0 --lr-warmup-epochs 5 --lr-warmup-method linear "
                  "--lr-warmup-decay 0.01", "--label-smoothing 0.1 --mixup-alpha 0.2 "
                  "--cutmix-alpha 1.0 --random-erase 0.1", "--auto-augment ta_wide",
@@ -58,6 +58,8 @@ def test_tv_flags_of_recipe_tv_and_refusal_of_timm_recipes():
                  "--model-ema-decay 0.99998"):
         assert part in flags, part
     assert "--bias-weight-decay" not in flags and "--clip-grad-norm" not in flags
+    # the blog's baseline decays every parameter: tv's train.py without --norm-weight-decay
+    assert "--norm-weight-decay" not in compare.tv_args(dict(r, wd_groups="all"))
     for script in ("train_a3.py", "train_b.py", "train_d.py"):
         with pytest.raises(common.UserError, match="torchvision's train.py has no equivalent"):
             compare.tv_args(compare.resolved_recipe(script, []))

@@ -111,9 +111,13 @@ def test_torchvision_weights_load_strict_and_give_same_logits(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_name_from_state_dict_round_trips(name):
-    """From ours, timm's and (where it has the model, with 7 classes) torchvision's."""
+    """From ours, timm's (where timm has the model: not RS Table 1's seresnet200_rs) and
+    torchvision's (where it has it, with 7 classes)."""
     assert model_name_from_state_dict(meta_ours(name).state_dict()) == name
-    assert model_name_from_state_dict(meta_timm(name).state_dict()) == name
+    if timm.is_model(name):
+        assert model_name_from_state_dict(meta_timm(name).state_dict()) == name
+    else:
+        assert name == "seresnet200_rs"
     if hasattr(torchvision.models, name):
         tv = on_meta(getattr(torchvision.models, name), num_classes=7)
         assert model_name_from_state_dict(tv.state_dict()) == name
@@ -246,3 +250,21 @@ def test_zero_init_last_false_keeps_every_gamma_at_one():
     model = create_model("resnetrs50", 10, 0.0, 0.0, False)
     gammas = [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.all(g == 1) for g in gammas)
+
+
+def test_se_resnet200_with_the_plain_stem_is_timms_resnet_with_rs_se():
+    """RS Table 1 row 9 (seresnet200_rs): timm's ResNet with Bottleneck (3, 24, 36, 3) and
+    resnetrs200's SE (get_attn('se'), rd_ratio 1/4) but the plain stem, max pool and
+    shortcuts: the same keys, shapes and parameter count."""
+    from timm.layers import get_attn
+    from timm.models.resnet import Bottleneck as TimmBottleneck, ResNet as TimmResNet
+    ours = on_meta(create_model, "seresnet200_rs")
+    ref = on_meta(TimmResNet, block=TimmBottleneck, layers=(3, 24, 36, 3), block_args=dict(
+        attn_layer=functools.partial(get_attn("se"), rd_ratio=0.25)))
+    own, theirs = ours.state_dict(), ref.state_dict()
+    assert list(own) == list(theirs)
+    assert {k: v.shape for k, v in own.items()} == {k: v.shape for k, v in theirs.items()}
+    assert n_params(ours) == n_params(ref)
+    assert own["conv1.weight"].shape == (64, 3, 7, 7)  # the plain stem
+    assert n_params(ours) < n_params(on_meta(create_model, "resnetrs200"))
+

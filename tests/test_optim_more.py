@@ -303,6 +303,10 @@ def test_tv_param_groups_exempt_norm_layers_only():
     opt = create_optimizer(model, _recipe(wd_groups="tv", weight_decay=2e-5))
     sizes = [(g["weight_decay"], len(g["params"])) for g in opt.param_groups]
     assert sizes == [(2e-5, 4), (0.0, 9)]
+    # wd_groups "all" (tv's train.py without --norm-weight-decay: the blog's baseline): every
+    # trainable parameter, norm layers and biases included, with the decay
+    opt = create_optimizer(model, _recipe(wd_groups="all", weight_decay=1e-4))
+    assert [(g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [(1e-4, 13)]
 
 
 @pytest.mark.parametrize("cls,kw", [(RMSpropTF, dict(momentum=0.9)), (AdamP, {})])

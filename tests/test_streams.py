@@ -158,7 +158,8 @@ def our_loader(photos, tmp_path, monkeypatch, auto_augment, interpolation="bicub
                 return _original(img, op, magnitude, *args, **kw)
             monkeypatch.setattr(common, name, recorded_op)
         data = common.ImageFolder(photos, common.TrainTransform(SIZE, interpolation, auto_augment))
-        sampler = common.TrainSampler(len(data), BATCH, seed=common.seed_for(seed, common.SEED_ORDER),
+        sampler = common.TrainSampler(len(data), BATCH,
+                                      seed=common.seed_for(seed, common.SEED_ORDER),
                                       batch_seed=common.seed_for(seed, common.SEED_BATCH))
         loader = common.make_loader(data, BATCH, 2, torch.device("cpu"), sampler, True)
         for epoch in range(EPOCHS):
@@ -541,3 +542,35 @@ def test_erasing_draws_are_timms_and_torchvisions_over_a_run(monkeypatch, recoun
         _, ours_tv = our_steps(monkeypatch, dict(recipe, reprob=0.1, remode="tv",
                                                  mixup_style="tv"))
         assert erase_checks(ours_tv, tv_erased(0.1)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The first draw of a run: the initial weights
+# ----------------------------------------------------------------------------------------------
+
+def init_differs(ours, theirs):
+    """The tensors of two state dicts whose values are not one distribution (KS, 0.001), or,
+    for a single value, not equal."""
+    bad = []
+    for key, ref in theirs.items():
+        mine = ours[key].double().flatten().numpy()
+        ref = ref.double().flatten().numpy()
+        if len(ref) < 2 and not np.array_equal(mine, ref) or len(ref) >= 2 and not same(
+                ks(mine, ref)):
+            bad.append(key)
+    return bad
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50d"])
+def test_initial_weights_are_drawn_as_timms(name):
+    """Every tensor of a freshly built model (convs, BN weights and buffers, the classifier's
+    weight and bias) has timm's distribution; a classifier initialised 20% wider fails."""
+    import timm
+    torch.manual_seed(0)
+    ours = common.create_model(name, num_classes=10).state_dict()
+    torch.manual_seed(1)
+    theirs = timm.create_model(name, num_classes=10).state_dict()
+    assert set(ours) == set(theirs)
+    assert init_differs(ours, theirs) == []
+    assert init_differs(dict(ours, **{"fc.weight": ours["fc.weight"] * 1.2}), theirs) == \
+        ["fc.weight"]
