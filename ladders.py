@@ -25,8 +25,9 @@ scaled-down ladder keeps its shape (the blog's 224 -> 176 train crop, 600 agains
 
 Protocols (how each paper reports a number): RSB the final epoch of seed 0; RS the mean of 2
 runs, final epoch; the blog the best of 3 runs at the best epoch. A run's number is its EMA's
-where the row keeps an EMA, else the plain model's. `report` gives the paper's statistic and
-the mean +- std over the seeds run.
+where the row keeps an EMA, else the plain model's (`report --weights model`: the model's
+throughout, for runs too short for an EMA). `report` gives the paper's statistic and the mean
++- std over the seeds run.
 """
 import argparse
 import json
@@ -125,23 +126,24 @@ RS_R50 = dict(model="resnet50", train_size=224, eval_size=224, label_smoothing=0
               drop_path=0.0, dropout=0.0, auto_augment=None)
 RS_R200 = dict(RS_R50, model="resnet200", train_size=256, eval_size=256)
 RA_LS = dict(auto_augment="rand-m15-n2-mmax15", label_smoothing=0.1)  # App. E: 15 at 224-320
+RA = "RA 15 [inferred] App. E (224-320 px), LS 0.1 [inferred] Table 8"
 RS_TABLE2 = [
     Row("ResNet-50, None, wd 1e-4", dict(RS_R50, weight_decay=1e-4), 79.7),
     Row("ResNet-50, None, wd 4e-5", dict(RS_R50, weight_decay=4e-5), 78.7),
-    Row("ResNet-50, RA-LS, wd 1e-4", dict(RS_R50, **RA_LS, weight_decay=1e-4), 82.4),
-    Row("ResNet-50, RA-LS, wd 4e-5", dict(RS_R50, **RA_LS, weight_decay=4e-5), 82.3),
+    Row("ResNet-50, RA-LS, wd 1e-4", dict(RS_R50, **RA_LS, weight_decay=1e-4), 82.4, RA),
+    Row("ResNet-50, RA-LS, wd 4e-5", dict(RS_R50, **RA_LS, weight_decay=4e-5), 82.3, RA),
     Row("ResNet-50, RA-LS-DO, wd 1e-4", dict(RS_R50, **RA_LS, dropout=0.25, weight_decay=1e-4),
-        82.2, "table; DO 0.25 [inferred] Table 8"),
+        82.2, RA + "; DO 0.25 [inferred] Table 8"),
     Row("ResNet-50, RA-LS-DO, wd 4e-5", dict(RS_R50, **RA_LS, dropout=0.25, weight_decay=4e-5),
-        82.7, "table; DO 0.25 [inferred] Table 8"),
+        82.7, RA + "; DO 0.25 [inferred] Table 8"),
     Row("ResNet-200, None, wd 1e-4", dict(RS_R200, weight_decay=1e-4), 82.5),
     Row("ResNet-200, None, wd 4e-5", dict(RS_R200, weight_decay=4e-5), 81.7),
-    Row("ResNet-200, RA-LS, wd 1e-4", dict(RS_R200, **RA_LS, weight_decay=1e-4), 85.2),
-    Row("ResNet-200, RA-LS, wd 4e-5", dict(RS_R200, **RA_LS, weight_decay=4e-5), 84.9),
+    Row("ResNet-200, RA-LS, wd 1e-4", dict(RS_R200, **RA_LS, weight_decay=1e-4), 85.2, RA),
+    Row("ResNet-200, RA-LS, wd 4e-5", dict(RS_R200, **RA_LS, weight_decay=4e-5), 84.9, RA),
     Row("ResNet-200, RA-LS-SD-DO, wd 1e-4", dict(RS_R200, **RA_LS, drop_path=0.1, dropout=0.25,
-        weight_decay=1e-4), 85.3, "table; SD 0.1, DO 0.25 [inferred] Table 8, RS-200"),
+        weight_decay=1e-4), 85.3, RA + "; SD 0.1, DO 0.25 [inferred] Table 8, RS-200"),
     Row("ResNet-200, RA-LS-SD-DO, wd 4e-5", dict(RS_R200, **RA_LS, drop_path=0.1, dropout=0.25,
-        weight_decay=4e-5), 85.5, "table; SD 0.1, DO 0.25 [inferred] Table 8, RS-200"),
+        weight_decay=4e-5), 85.5, RA + "; SD 0.1, DO 0.25 [inferred] Table 8, RS-200"),
 ]
 
 # ResNet strikes back Table 6: A2 with BCE / CE x lr x weight decay x repeated augmentation
@@ -173,7 +175,6 @@ RSB_TABLE6 = [
 ]
 
 
-# ResNet strikes back Table 7: stochastic depth and label smoothing, one column a procedure
 # ResNet strikes back Table 7: stochastic depth and label smoothing, a column a procedure; the
 # numbers A1 / A2 / A3
 RSB_TABLE7 = [
@@ -194,12 +195,13 @@ def rsb_table7(procedure):
 
 # ResNet strikes back Table 8: A2's augmentation, one or two changes a row
 RSB_TABLE8 = [
-    Row("A2 (mixup 0.1, RA, RandA 7, BCE target)", dict(), 79.85),
+    Row("A2 (mixup 0.1, RA, RandA 7, BCE target)", dict(), 79.85,
+        "table; the BCE target as timm's threshold 0.2 [UNSPEC in the paper]"),
     Row("mixup 0.2, no RA", dict(mixup=0.2, repeated_aug=0), 79.62),
     Row("mixup 0.2, RandA 6", dict(mixup=0.2, auto_augment="rand-m6-mstd0.5-inc1"), 79.61),
     Row("mixup 0.05", dict(mixup=0.05), 79.57),
     Row("no BCE target", dict(bce_target_thresh=None), 79.57,
-        "table; BCE on the soft mixed targets (timm without --bce-target-thresh)"),
+        "table; BCE on the soft mixed targets (timm without --bce-target-thresh) [inferred]"),
 ]
 
 
@@ -237,7 +239,8 @@ LADDERS = {
          "RA = 3 repeats (timm --aug-repeats 3; RSB gives no count)."]),
     **{f"rsb-table7-{p}": Ladder(
         f"ResNet strikes back Table 7: stochastic depth and smoothing, {p.upper()}",
-        f"train_{p}.py", [], False, f"{p.upper()} top-1", "rsb", rsb_table7(p), None,
+        f"train_{p}.py", [], False, f"{p.upper()} top-1", "rsb", rsb_table7(p),
+        0 if p == "a3" else 1,  # the procedure's default cell (Table 2)
         ["Rows equal to the procedure's default resolve to its script and share its runs.",
          "The A2 / A3 smoothing eps (0.1) is A1's [inferred]."]) for p in ("a1", "a2", "a3")},
     "rsb-table8": Ladder(
@@ -450,12 +453,15 @@ def plan(ladder, out, data, rows, seeds, scale=Scale(), options=(), gpus=1):
                     j = first[run_key(resolved[j][2])]
                     src = out / f"row{j:02d}-seed{seed}"
                 folder = out / f"row{k:02d}-seed{seed}"
-                cmd = [sys.executable, str(ROOT / "eval.py"), "--checkpoint",
-                       str(src / "last.pth"), "--data", str(Path(data) / "val"), "--eval-size",
-                       str(recipe["eval_size"]), "--eval-resize", str(recipe["eval_resize"]),
-                       "--interpolation", recipe["interpolation"]]
-                steps.append((f"row {k} seed {seed} (evaluates {src.name})", folder, cmd,
-                              (folder / "eval.json").exists()))
+                for weights in ("model", "ema") if recipe["ema_decay"] else ("model",):
+                    cmd = [sys.executable, str(ROOT / "eval.py"), "--checkpoint",
+                           str(src / "last.pth"), "--data", str(Path(data) / "val"),
+                           "--eval-size", str(recipe["eval_size"]), "--eval-resize",
+                           str(recipe["eval_resize"]), "--interpolation",
+                           recipe["interpolation"], "--weights", weights]
+                    steps.append((f"row {k} seed {seed}, {weights} weights (evaluates "
+                                  f"{src.name})", folder, cmd,
+                                  (folder / f"eval-{weights}.json").exists()))
             else:
                 j = first[run_key(recipe)]
                 train(f"row{j:02d}", changes, recipe, seed)
@@ -471,14 +477,16 @@ def finished(folder, recipe):
 
 
 def run_command(cmd, folder):
-    """One step; an evaluation's JSON line is kept as eval.json. Returns the exit status."""
+    """One step; an evaluation's JSON line is kept as eval-<weights>.json. Returns the exit
+    status."""
     if "eval.py" not in cmd[1]:
         return subprocess.run(cmd).returncode
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     if proc.returncode == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.json").write_text(proc.stdout.strip().splitlines()[-1] + "\n")
+        (folder / f"eval-{cmd[cmd.index('--weights') + 1]}.json").write_text(
+            proc.stdout.strip().splitlines()[-1] + "\n")
     return proc.returncode
 
 
@@ -533,17 +541,19 @@ def saved_scale(out):
 # report
 # ==================================================================================================
 
-def run_number(folder, recipe, epoch):
-    """The number of one run: eval.json's top-1, or the EMA's (where the recipe keeps one)
-    or the model's top-1 at the final or the best epoch of its metrics.jsonl."""
-    if (folder / "eval.json").exists():
-        return json.loads((folder / "eval.json").read_text())["top1"]
+def run_number(folder, recipe, epoch, weights="auto"):
+    """The number of one run: the top-1 of an evaluation row's eval-<weights>.json, or of the
+    run's metrics.jsonl at the final or the best epoch; weights "auto": the EMA's where the
+    recipe keeps one, else the model's."""
+    which = ("ema" if recipe["ema_decay"] else "model") if weights == "auto" else weights
+    if (folder / f"eval-{which}.json").exists():
+        return json.loads((folder / f"eval-{which}.json").read_text())["top1"]
     if not (folder / "metrics.jsonl").exists():
         return None
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     if len(rows) < recipe["epochs"]:
         return None  # not finished
-    key = "ema_top1" if recipe["ema_decay"] and "ema_top1" in rows[-1] else "top1"
+    key = "ema_top1" if which == "ema" and "ema_top1" in rows[-1] else "top1"
     values = [r[key] for r in rows]
     return values[-1] if epoch == "final" else max(values)
 
@@ -557,7 +567,7 @@ def statistic(protocol, values):
     return statistics.mean(values.values())
 
 
-def report_table(ladder, out, scale=Scale()):
+def report_table(ladder, out, scale=Scale(), weights="auto"):
     """[(k, label, published, ours, mean, std, seeds, published increment, our increment)]."""
     resolved = resolve_rows(ladder, scale)
     first = first_runs(resolved)
@@ -567,7 +577,7 @@ def report_table(ladder, out, scale=Scale()):
         j = k if row.eval_only else first[run_key(recipe)]
         values = {}
         for folder in sorted(out.glob(f"row{j:02d}-seed*")):
-            value = run_number(folder, recipe, epoch)
+            value = run_number(folder, recipe, epoch, weights)
             if value is not None:
                 values[int(folder.name.rsplit("seed", 1)[1])] = value
         ours = statistic(ladder.protocol, values) if values else None
@@ -598,11 +608,13 @@ def cmd_report(args):
     ladder = LADDERS[args.ladder]
     out = Path(args.runs)
     scale = saved_scale(out)
-    table = report_table(ladder, out, scale)
+    table = report_table(ladder, out, scale, args.weights)
     ref = "the row before" if ladder.additive else f"row {ladder.reference}"
+    weights = {"auto": "the EMA's weights where the row keeps an EMA, else the model's",
+               "model": "the model's weights (not the EMA's)", "ema": "the EMA's weights"}
     print(f"{ladder.title}\n{scale_note(ladder, scale)}\n"
-          f"ours: {PROTOCOLS[ladder.protocol][0]}; mean +- std over the seeds run; "
-          f"increments against {ref}\n")
+          f"ours: {PROTOCOLS[ladder.protocol][0]}, {weights[args.weights]}; mean +- std over "
+          f"the seeds run; increments against {ref}\n")
     print(report_markdown(table))
     if args.plot:
         plot(table, ladder, args.plot)
@@ -674,6 +686,8 @@ def main(argv=None):
     rep.add_argument("ladder", choices=list(LADDERS))
     rep.add_argument("runs", help="the --out folder of run")
     rep.add_argument("--plot", metavar="PNG", help="also plot it (needs matplotlib)")
+    rep.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
+                     help="auto: the EMA's where the row keeps one (the papers' numbers)")
     args = p.parse_args(argv)
     if args.command == "list":
         return cmd_list()

@@ -104,7 +104,7 @@ def small_ladder():
 def test_an_interrupted_ladder_continues_without_redoing_finished_runs(tmp_path, monkeypatch):
     """The runner stops at the first failure (here row 1, seed 0); the same command then
     skips row 0's finished runs, resumes row 1 and goes on; an evaluation row waits for its
-    trained row and is skipped once it has its eval.json."""
+    trained row and is skipped once it has its eval-model.json."""
     monkeypatch.setitem(LADDERS, "small", small_ladder())
     calls, fail = [], {"row01-seed0"}
 
@@ -114,7 +114,8 @@ def test_an_interrupted_ladder_continues_without_redoing_finished_runs(tmp_path,
             return 75  # stopped by a signal, say
         folder.mkdir(parents=True, exist_ok=True)
         if "eval.py" in cmd[1]:
-            (folder / "eval.json").write_text(json.dumps(dict(top1=60.0)) + "\n")
+            weights = cmd[cmd.index("--weights") + 1]
+            (folder / f"eval-{weights}.json").write_text(json.dumps(dict(top1=60.0)) + "\n")
         else:
             epochs = int(cmd[cmd.index("--epochs") + 1])
             (folder / "summary.json").write_text(json.dumps(dict(epochs=epochs)))
@@ -157,6 +158,7 @@ def test_report_arithmetic_on_fabricated_runs(tmp_path):
     assert table[0][2:7] == [70.0, 60, 59, pytest.approx(2 ** 0.5), 2]
     assert table[1][3] == 64 and table[1][6] == 1  # the EMA's best; seed 1 unfinished
     assert table[1][7] == pytest.approx(2.5) and table[1][8] == pytest.approx(4.0)
+    assert ladders.report_table(blog, out, weights="model")[1][3] == 61  # the plain best
     rsb = blog._replace(protocol="rsb", additive=False, reference=0, rows=[
         Row("a", dict(epochs=3, ema_decay=None), 1.0),
         Row("b", dict(epochs=3, ema_decay=None, lr=1.0), 3.0)])
@@ -187,7 +189,7 @@ def test_a_small_ladder_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
                   "--batch-size", "16", "--workers", "0", "--quiet"])
     assert sorted(p.name for p in out.iterdir()) == ["ladder.json", "row00-seed0",
                                                      "row01-seed0", "row02-seed0", "row03-seed0"]
-    evaluated = json.loads((out / "row02-seed0" / "eval.json").read_text())
+    evaluated = json.loads((out / "row02-seed0" / "eval-model.json").read_text())
     assert evaluated["eval_resize"] == 40 and evaluated["checkpoint"].endswith(
         "row01-seed0/last.pth")
     capsys.readouterr()
