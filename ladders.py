@@ -528,12 +528,16 @@ def cmd_run(args, extra):
                      "continue (finished runs are skipped, the others resume)")
 
 
-def saved_scale(out):
+def saved_scale(out, name):
     """The scale a ladder's runs were made with (ladder.json, written by run)."""
+    if not out.is_dir():
+        raise common.UserError(f"no folder {out}")
     try:
         saved = json.loads((out / "ladder.json").read_text())
     except OSError:
         return Scale()
+    if saved["ladder"] != name:
+        raise common.UserError(f"{out} holds runs of {saved['ladder']}, not {name}")
     return Scale(parse_extra(saved["extra"])[0], saved["epochs_scale"], saved["size_scale"])
 
 
@@ -607,7 +611,7 @@ def scale_note(ladder, scale):
 def cmd_report(args):
     ladder = LADDERS[args.ladder]
     out = Path(args.runs)
-    scale = saved_scale(out)
+    scale = saved_scale(out, args.ladder)
     table = report_table(ladder, out, scale, args.weights)
     ref = "the row before" if ladder.additive else f"row {ladder.reference}"
     weights = {"auto": "the EMA's weights where the row keeps an EMA, else the model's",

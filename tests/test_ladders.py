@@ -180,20 +180,23 @@ def test_rows_with_one_recipe_share_their_runs(tmp_path):
 
 
 def test_a_small_ladder_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
-    """run + report on generated data with the real scripts: three trained rows of one epoch
-    and an evaluation row on the second row's checkpoint."""
+    """run + report on generated data with the real scripts, rows 0-2: two trained rows of one
+    epoch and an evaluation row on the second row's checkpoint; row 3 is reported not run."""
     monkeypatch.setitem(LADDERS, "small", small_ladder())
     out = tmp_path / "runs"
     ladders.main(["run", "small", "--data", str(tiny_data), "--seeds", "1", "--out", str(out),
+                  "--rows", "0-2",
                   "--", "--model", "resnet18", "--train-size", "24", "--eval-size", "32",
                   "--batch-size", "16", "--workers", "0", "--quiet"])
     assert sorted(p.name for p in out.iterdir()) == ["ladder.json", "row00-seed0",
-                                                     "row01-seed0", "row02-seed0", "row03-seed0"]
+                                                     "row01-seed0", "row02-seed0"]
     evaluated = json.loads((out / "row02-seed0" / "eval-model.json").read_text())
     assert evaluated["eval_resize"] == 40 and evaluated["checkpoint"].endswith(
         "row01-seed0/last.pth")
     capsys.readouterr()
     ladders.main(["report", "small", str(out)])
     text = capsys.readouterr().out
-    assert "scaled down" in text and "| 3 | + mixup | 51.00 |" in text
-    assert text.count("(1) |") == 4  # every row has its one seed
+    assert "scaled down" in text and "| 3 | + mixup | 51.00 |  | not run |" in text
+    assert text.count("(1) |") == 3  # every row run has its one seed
+    with pytest.raises(ladders.common.UserError, match="holds runs of small, not tv-blog"):
+        ladders.main(["report", "tv-blog", str(out)])
