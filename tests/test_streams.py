@@ -480,6 +480,35 @@ def test_mixup_cutmix_draws_are_timms_over_a_run(monkeypatch):
     assert len(set(drawn)) == len(drawn) > 0.9 * len(ours + other_rank)
 
 
+def tv_steps(seed=0):
+    """tv's Mixup 0.2 / CutMix 1.0 (its train.py's collate: RandomChoice of v2.MixUp and
+    v2.CutMix) over the same steps, torch seeded once: (lam, CutMix or not) of each batch, the
+    CutMix lam after its box."""
+    from torchvision.transforms import v2
+    mixup, cutmix = v2.MixUp(alpha=0.2, num_classes=4), v2.CutMix(alpha=1.0, num_classes=4)
+    draws = []
+    for t, cut in ((mixup, False), (cutmix, True)):
+        def make_params(flat, _original=t.make_params, _cut=cut):
+            params = _original(flat)
+            draws.append((params["lam_adjusted" if _cut else "lam"], _cut))
+            return params
+        t.make_params = make_params
+    choice = v2.RandomChoice([mixup, cutmix])
+    torch.manual_seed(seed)
+    for _ in range(EPOCHS * STEPS):
+        choice(torch.zeros(8, 3, SIZE, SIZE), torch.arange(8) % 4)
+    return draws
+
+
+def test_tv_mixup_cutmix_draws_are_torchvisions_over_a_run(monkeypatch):
+    """tv's recipe (Mixup 0.2, CutMix 1.0, mixup_style tv) over 2,000 reseeded steps against
+    torchvision's RandomChoice of v2.MixUp / v2.CutMix: the same checks as timm's."""
+    ours, _ = our_steps(monkeypatch, dict(mixup=0.2, mixup_style="tv"))
+    theirs = tv_steps()
+    assert len(ours) == len(theirs) == EPOCHS * STEPS
+    assert mix_checks(ours, theirs) == []
+
+
 def test_mix_checks_catch_faulty_streams(monkeypatch):
     """A Mixup generator seeded per epoch (the step left out of its seed: every step of an
     epoch draws alike) and a switch biased to CutMix 60% of the time both fail."""
