@@ -521,6 +521,9 @@ def cmd_run(args, extra):
         if done:
             print(f"{what}: finished, skipped", flush=True)
             continue
+        if "--checkpoint" in cmd and not Path(cmd[cmd.index("--checkpoint") + 1]).exists():
+            source = Path(cmd[cmd.index("--checkpoint") + 1]).parent.name
+            sys.exit(f"{what}: {source} has no checkpoint yet; run its row first (--rows)")
         print(f"{what}: {shlex.join(cmd)}", flush=True)
         status = run_command(cmd, folder)
         if status != 0:

@@ -119,6 +119,7 @@ def test_an_interrupted_ladder_continues_without_redoing_finished_runs(tmp_path,
         else:
             epochs = int(cmd[cmd.index("--epochs") + 1])
             (folder / "summary.json").write_text(json.dumps(dict(epochs=epochs)))
+            (folder / "last.pth").write_bytes(b"")
         return 0
     monkeypatch.setattr(ladders, "run_command", fake)
     argv = ["run", "small", "--data", str(tmp_path), "--seeds", "2", "--out", str(tmp_path / "r")]
@@ -133,6 +134,10 @@ def test_an_interrupted_ladder_continues_without_redoing_finished_runs(tmp_path,
     calls.clear()
     ladders.main(argv)
     assert calls == []
+    # an evaluation row alone, before its trained row has a checkpoint: one line says so
+    with pytest.raises(SystemExit, match="row01-seed0 has no checkpoint yet"):
+        ladders.main(["run", "small", "--data", str(tmp_path), "--rows", "2", "--out",
+                      str(tmp_path / "other")])
 
 
 def fake_run(folder, top1, ema=None, epochs=3):
