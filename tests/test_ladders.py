@@ -199,8 +199,9 @@ def test_a_small_ladder_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
     assert evaluated["eval_resize"] == 40 and evaluated["checkpoint"].endswith(
         "row01-seed0/last.pth")
     capsys.readouterr()
-    ladders.main(["report", "small", str(out)])
+    ladders.main(["report", "small", str(out), "--plot", str(tmp_path / "small.png")])
     text = capsys.readouterr().out
+    assert (tmp_path / "small.png").stat().st_size > 1000  # matplotlib: requirements-extra
     assert "scaled down" in text and "| 3 | + mixup | 51.00 |  | not run |" in text
     assert text.count("(1) |") == 3  # every row run has its one seed
     with pytest.raises(ladders.common.UserError, match="holds runs of small, not tv-blog"):
