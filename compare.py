@@ -69,7 +69,7 @@ def make_digits(root, size=32, split="fixed"):
     """root/{train,val}/<digit>/<i>.png, 1,433 train and 364 val images. split "fixed": the
     last ceil(20%) of each class (in the data set's order) is val, values rounded. "random":
     for each class in order 0..9, its indices shuffled by one numpy default_rng(0), the first
-    int(0.8 n) train, the rest val, values truncated (a reviewer's split, issue 22)."""
+    int(0.8 n) train, the rest val, values truncated (docs/COMPARISONS.md has both)."""
     try:
         from sklearn.datasets import load_digits  # ships the data: no download
     except ImportError:

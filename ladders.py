@@ -421,12 +421,18 @@ def first_runs(resolved):
     return first
 
 
+# one command of a ladder: a training, or an evaluation (of `checkpoint`, with `weights`)
+Step = namedtuple("Step", "what folder cmd done checkpoint weights", defaults=(None, None))
+
+
 def plan(ladder, out, data, rows, seeds, scale=Scale(), options=(), gpus=1):
-    """[(what, folder, command, done)] for the rows and seeds, in order: the runs a row shares
-    with an earlier one (same resolved recipe) once, the base runs evaluation rows need first."""
+    """[Step] for the rows and seeds, in order: the runs a row shares with an earlier one
+    (same resolved recipe) once, the base runs evaluation rows need first."""
     resolved = resolve_rows(ladder, scale)
     first = first_runs(resolved)
     steps, seen = [], set()
+    base_changes = scaled({}, base_recipe(ladder), scale)  # the base run of evaluation rows
+    base = compare.resolved_recipe(ladder.script, ladder.base + as_flags(base_changes))
 
     def train(tag, changes, recipe, seed):
         folder = out / f"{tag}-seed{seed}"
@@ -437,7 +443,7 @@ def plan(ladder, out, data, rows, seeds, scale=Scale(), options=(), gpus=1):
         cmd = [*launcher, str(ROOT / ladder.script), "--data", str(data), "--output", str(folder),
                "--resume", "auto", "--seed", str(seed), *ladder.base, *as_flags(changes),
                *options]
-        steps.append((f"{tag} seed {seed}", folder, cmd, finished(folder, recipe)))
+        steps.append(Step(f"{tag} seed {seed}", folder, cmd, finished(folder, recipe)))
         return folder
 
     for k in rows:
@@ -446,9 +452,7 @@ def plan(ladder, out, data, rows, seeds, scale=Scale(), options=(), gpus=1):
             if row.eval_only:
                 j = trained_source(resolved, k)
                 if j is None:
-                    base_changes = scaled({}, base_recipe(ladder), scale)
-                    src = train("base", base_changes, compare.resolved_recipe(
-                        ladder.script, ladder.base + as_flags(base_changes)), seed)
+                    src = train("base", base_changes, base, seed)
                 else:
                     j = first[run_key(resolved[j][2])]
                     src = out / f"row{j:02d}-seed{seed}"
@@ -459,9 +463,10 @@ def plan(ladder, out, data, rows, seeds, scale=Scale(), options=(), gpus=1):
                            "--eval-size", str(recipe["eval_size"]), "--eval-resize",
                            str(recipe["eval_resize"]), "--interpolation",
                            recipe["interpolation"], "--weights", weights]
-                    steps.append((f"row {k} seed {seed}, {weights} weights (evaluates "
-                                  f"{src.name})", folder, cmd,
-                                  (folder / f"eval-{weights}.json").exists()))
+                    steps.append(Step(f"row {k} seed {seed}, {weights} weights (evaluates "
+                                      f"{src.name})", folder, cmd,
+                                      (folder / f"eval-{weights}.json").exists(),
+                                      src / "last.pth", weights))
             else:
                 j = first[run_key(recipe)]
                 train(f"row{j:02d}", changes, recipe, seed)
@@ -476,22 +481,22 @@ def finished(folder, recipe):
         return False
 
 
-def run_command(cmd, folder):
+def run_command(step):
     """One step; an evaluation's JSON line is kept as eval-<weights>.json. Returns the exit
     status."""
-    if "eval.py" not in cmd[1]:
-        return subprocess.run(cmd).returncode
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if step.weights is None:
+        return subprocess.run(step.cmd).returncode
+    proc = subprocess.run(step.cmd, capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     if proc.returncode == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"eval-{cmd[cmd.index('--weights') + 1]}.json").write_text(
+        step.folder.mkdir(parents=True, exist_ok=True)
+        (step.folder / f"eval-{step.weights}.json").write_text(
             proc.stdout.strip().splitlines()[-1] + "\n")
     return proc.returncode
 
 
 def print_commands(steps, slurm):
-    lines = [shlex.join(cmd) for _, _, cmd, _ in steps]
+    lines = [shlex.join(step.cmd) for step in steps]
     if not slurm:
         print("\n".join(lines))
         return
@@ -517,17 +522,17 @@ def cmd_run(args, extra):
     (out / "ladder.json").write_text(json.dumps(dict(
         ladder=args.ladder, extra=extra, epochs_scale=args.epochs_scale,
         size_scale=args.size_scale, seeds=list(seeds)), indent=1) + "\n")
-    for what, folder, cmd, done in steps:
-        if done:
-            print(f"{what}: finished, skipped", flush=True)
+    for step in steps:
+        if step.done:
+            print(f"{step.what}: finished, skipped", flush=True)
             continue
-        if "--checkpoint" in cmd and not Path(cmd[cmd.index("--checkpoint") + 1]).exists():
-            source = Path(cmd[cmd.index("--checkpoint") + 1]).parent.name
-            sys.exit(f"{what}: {source} has no checkpoint yet; run its row first (--rows)")
-        print(f"{what}: {shlex.join(cmd)}", flush=True)
-        status = run_command(cmd, folder)
+        if step.checkpoint and not step.checkpoint.exists():
+            sys.exit(f"{step.what}: {step.checkpoint.parent.name} has no checkpoint yet; run "
+                     "its row first (--rows)")
+        print(f"{step.what}: {shlex.join(step.cmd)}", flush=True)
+        status = run_command(step)
         if status != 0:
-            sys.exit(f"{what} stopped with exit {status}; run the same command again to "
+            sys.exit(f"{step.what} stopped with exit {status}; run the same command again to "
                      "continue (finished runs are skipped, the others resume)")
 
 

@@ -108,14 +108,14 @@ def test_an_interrupted_ladder_continues_without_redoing_finished_runs(tmp_path,
     monkeypatch.setitem(LADDERS, "small", small_ladder())
     calls, fail = [], {"row01-seed0"}
 
-    def fake(cmd, folder):
+    def fake(step):
+        folder, cmd = step.folder, step.cmd
         calls.append(folder.name)
         if folder.name in fail:
             return 75  # stopped by a signal, say
         folder.mkdir(parents=True, exist_ok=True)
-        if "eval.py" in cmd[1]:
-            weights = cmd[cmd.index("--weights") + 1]
-            (folder / f"eval-{weights}.json").write_text(json.dumps(dict(top1=60.0)) + "\n")
+        if step.weights:
+            (folder / f"eval-{step.weights}.json").write_text(json.dumps(dict(top1=60.0)) + "\n")
         else:
             epochs = int(cmd[cmd.index("--epochs") + 1])
             (folder / "summary.json").write_text(json.dumps(dict(epochs=epochs)))
@@ -180,7 +180,7 @@ def test_report_arithmetic_on_fabricated_runs(tmp_path):
 def test_rows_with_one_recipe_share_their_runs(tmp_path):
     """Table 7's default cells (A1: drop 0.05 and smoothing on) are one run."""
     steps = ladders.plan(LADDERS["rsb-table7-a1"], tmp_path, tmp_path, range(5), [0])
-    assert [folder.name for _, folder, _, _ in steps] == [
+    assert [step.folder.name for step in steps] == [
         "row00-seed0", "row01-seed0", "row02-seed0", "row03-seed0"]
 
 

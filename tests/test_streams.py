@@ -249,7 +249,7 @@ def loader_checks(ours, theirs):
                    [k for k, n in per_batch[1].items() for _ in range(n)])):
         bad.append("flips per batch")
     oa, ob = ops(mine), ops(ref)
-    if oa[0] or ob[0] or any(oa) or any(ob):
+    if any(oa) or any(ob):
         if not same(chi2(collections.Counter(o[0] for img in oa for o in img),
                          collections.Counter(o[0] for img in ob for o in img))):
             bad.append("op frequencies")
