@@ -176,6 +176,56 @@ def device_aug_rate(transform, load, paths, device, rounds, batch=128):
     return len(images) / statistics.median(one_pass() for _ in range(rounds))
 
 
+def decode_rate(transform, load, paths, device, rounds, batch=128):
+    """Images/s of the --decode device half that leaves the workers: decode_batch (decode,
+    crop, resize, flip) and the ops, on `device` (one thread on a CPU)."""
+    common.seed_all(0)
+    batches = [common.collate([(load(p), 0) for p in paths[i:i + batch]])
+               for i in range(0, len(paths), batch)]
+    sync = synchronizer(device)
+
+    def one_pass():
+        sync()
+        t0 = time.perf_counter()
+        for images, target, *ops in batches:
+            images, _ = transform.decode_batch(images, target, device, [])
+            if ops:
+                transform.on_device(images, ops[0])
+        sync()
+        return time.perf_counter() - t0
+
+    one_pass()  # warm-up
+    return len(paths) / statistics.median(one_pass() for _ in range(rounds))
+
+
+def decode_deviation(paths, device, sizes=(224, 176, 160)):
+    """How much --decode device changes the pixels against the Pillow path: the same crops (same
+    seeds), no flip, no ops; mean and max |difference| (grey levels), per train size and
+    filter. {(size, filter): (mean, max)}, printed as a table."""
+    rows, out = [], {}
+    for size in sizes:
+        for interpolation in ("bicubic", "bilinear"):
+            pillow = common.TrainTransform(size, interpolation, hflip=0.0)
+            coded = common.TrainTransform(size, interpolation, hflip=0.0, decode="device")
+            means, peak = [], 0
+            for i in range(0, len(paths), 64):
+                part = paths[i:i + 64]
+                common.seed_all(i)
+                ref = np.stack([ours_loader(pillow)(p) for p in part]).astype(np.int16)
+                common.seed_all(i)
+                b = common.collate([(ours_loader(coded)(p), 0) for p in part])
+                got = coded.decode_batch(b[0], b[1], device, [])[0]
+                d = np.abs(got.permute(0, 2, 3, 1).cpu().numpy().astype(np.int16) - ref)
+                means.append(d.mean())
+                peak = max(peak, int(d.max()))
+            out[(size, interpolation)] = (float(np.mean(means)), peak)
+            rows.append((size, interpolation, f"{np.mean(means):.3f}", peak))
+    print(f"--decode device on {device.type}: pixels against the Pillow path, same crops, no "
+          "flip or ops (grey levels of 255)\n")
+    table(("train px", "filter", "mean abs diff", "max abs diff"), rows)
+    return out
+
+
 def bench_pipeline(args, device):
     torch.set_num_threads(1)
     if args.jpegs:
@@ -193,7 +243,7 @@ def bench_pipeline(args, device):
     print(f"## 1. Input pipeline, images/s per worker (one process, one thread)\n\n"
           f"{source}, mean {mean_kb:.0f} KB, mean {mean_px / 1e3:.0f} kpixels; median of "
           f"{args.rounds} passes each, run in turn\n")
-    rows = []
+    rows, decoded = [], []
     for script, recipe in common.script_recipes():
         name = recipe["recipe"]
         if args.recipes and name not in args.recipes:
@@ -203,6 +253,8 @@ def bench_pipeline(args, device):
         ref = tv_preset if tv else timm_transform
         deferred = common.TrainTransform(recipe["train_size"], recipe["interpolation"],
                                          recipe["auto_augment"], device_aug=True)
+        coded = common.TrainTransform(recipe["train_size"], recipe["interpolation"],
+                                      recipe["auto_augment"], decode="device")
         train = {
             "ours": ours_loader(common.TrainTransform(
                 recipe["train_size"], recipe["interpolation"], recipe["auto_augment"])),
@@ -213,9 +265,14 @@ def bench_pipeline(args, device):
             "ours --device-aug --fast-decode": ours_loader(common.TrainTransform(
                 recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
                 fast_decode=True, device_aug=True)),
+            "ours --decode device": ours_loader(coded),
             "ref": reference_loader(ref(recipe, True)),
         }
         ips = time_passes(train, paths, args.rounds)
+        decoded.append((name, recipe["train_size"], f"{ips['ref']:.0f}",
+                        f"{ips['ours --decode device']:.0f}",
+                        f"{ips['ours --decode device'] / ips['ref']:.1f}",
+                        f"{decode_rate(coded, train['ours --decode device'], paths, device, args.rounds):.0f}"))
         device_ips = device_aug_rate(deferred, train["ours --device-aug"], paths, device,
                                      args.rounds)
         rows.append((name, f"train {recipe['train_size']} px, {recipe['auto_augment']}",
@@ -238,7 +295,13 @@ def bench_pipeline(args, device):
            "ours --fast-decode img/s", "ratio", "ours --device-aug worker img/s", "ratio",
            "ours --device-aug --fast-decode worker img/s", "ratio",
            f"--device-aug ops on {device.type} img/s"), rows)
+    print("--decode device: the workers only read the file and draw the crop, flip and ops "
+          f"(worker img/s, one process, one thread); the decode, crop, resize, flip and ops "
+          f"then run on {device.type} (one thread on a CPU)\n")
+    table(("recipe", "train px", "reference img/s", "--decode device worker img/s",
+           "ratio", f"decode + ops on {device.type} img/s"), decoded)
     fast_decode_deviation(paths)
+    decode_deviation(paths, device)
 
 
 def fast_decode_deviation(paths):

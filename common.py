@@ -8,11 +8,13 @@ data -> CLI -> the README's recipe table. Each ingredient says where its behavio
 "tv" is torchvision's references/classification, "RSB" is the ResNet strikes back paper.
 """
 import argparse
+import collections
 import contextlib
 import datetime
 import difflib
 import functools
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -566,11 +569,16 @@ def to_uint8(img):
 def collate(batch):
     """uint8 NCHW batch (channels_last memory, free to make) and int64 targets; with
     --device-aug also the ops drawn for each image, float64 [N, slots, 7]; last, when the
-    dataset skipped unreadable images for this batch, their list ("path: reason")."""
+    dataset skipped unreadable images for this batch, their list ("path: reason"). With
+    --decode device the images are an EncodedBatch, decoded by to_device."""
     samples, ops = [b[0] for b in batch], None
-    if isinstance(samples[0], tuple):
-        samples, ops = zip(*samples)
-    images = torch.from_numpy(np.stack(samples)).permute(0, 3, 1, 2)
+    if isinstance(samples[0], Encoded):
+        images = EncodedBatch(samples)
+        ops = None if samples[0].ops is None else [s.ops for s in samples]
+    else:
+        if isinstance(samples[0], tuple):
+            samples, ops = zip(*samples)
+        images = torch.from_numpy(np.stack(samples)).permute(0, 3, 1, 2)
     target = torch.tensor([b[1] for b in batch], dtype=torch.int64)
     out = (images, target) if ops is None else (images, target, torch.from_numpy(np.stack(ops)))
     skipped = getattr(batch, "skipped", ())
@@ -636,13 +644,28 @@ class TrainTransform:
 
     device_aug: RandAugment / TrivialAugment ops are drawn here, as always, but not applied:
     the image comes back with them, (uint8 HWC, encode_ops), and on_device applies them to the
-    batch (device_augment), to the same pixels."""
+    batch (device_augment), to the same pixels.
+
+    decode="device" (--decode device): the worker does no pixel work for a baseline RGB JPEG. It
+    reads the file's bytes and draws the crop, the flip and the ops from the header's size,
+    the same calls in the same order as above, and sends an Encoded record; decode_batch then
+    decodes the batch where it trains (nvJPEG on a GPU), crops, resizes and flips. Other files
+    (progressive, CMYK, grey, PNG, ...) are done here with Pillow as above; their ops are sent
+    too (device_aug is implied)."""
 
     def __init__(self, size, interpolation="bicubic", auto_augment=None, hflip=0.5,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN,
-                 fast_decode=False, device_aug=False):
+                 fast_decode=False, device_aug=False, decode="pillow"):
+        if decode not in ("pillow", "device"):
+            raise UserError(f"--decode {decode}: choose pillow or device")
+        if decode == "device" and fast_decode:
+            raise UserError("--fast-decode is for the Pillow path; --decode device decodes "
+                            "full-size JPEGs on the device: choose one")
+        if decode == "device" and interpolation not in ("bilinear", "bicubic"):
+            raise UserError(f"--decode device resizes with bilinear or bicubic only, not "
+                            f"{interpolation}")
         self.size, self.interpolation, self.hflip = size, interpolation, hflip
-        self.scale, self.ratio, self.fast_decode = scale, ratio, fast_decode
+        self.scale, self.ratio, self.fast_decode, self.decode = scale, ratio, fast_decode, decode
         self.trivial_augment = auto_augment == "ta_wide"
         self.rand_augment = (parse_rand_augment(auto_augment)
                              if auto_augment and not self.trivial_augment else None)
@@ -650,11 +673,32 @@ class TrainTransform:
         # interpolation; tv's recipe passes TrivialAugment no fill: black
         self.fill = ((0, 0, 0) if self.trivial_augment
                      else tuple(min(255, round(255 * m)) for m in mean))
-        self.device_aug = device_aug and (self.trivial_augment or self.rand_augment is not None)
+        self.device_aug = ((device_aug or decode == "device")
+                           and (self.trivial_augment or self.rand_augment is not None))
 
     def __call__(self, img):
         width, height = img.size  # from the header: nothing is decoded yet
-        top, left, h, w = random_resized_crop_params(width, height, self.scale, self.ratio)
+        box = random_resized_crop_params(width, height, self.scale, self.ratio)
+        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        if self.decode == "device" and device_decodable(img):
+            img.fp.seek(0)
+            data = np.frombuffer(img.fp.read(), dtype=np.uint8)
+            return Encoded(data, box, flip, None, self.draw_ops(), img.filename, (height, width))
+        img = self.render(img, box, flip)
+        if self.decode == "device":
+            return Encoded(None, box, flip, to_uint8(img), self.draw_ops(), None, None)
+        if self.device_aug:
+            return to_uint8(img), self.draw_ops()
+        if self.trivial_augment:
+            img = trivial_augment(img, INTERPOLATION[self.interpolation], self.fill)
+        elif self.rand_augment:
+            img = rand_augment(img, self.rand_augment, self.fill,
+                               INTERPOLATION[self.interpolation])
+        return to_uint8(img)
+
+    def render(self, img, box, flip):
+        """The crop `box` (top, left, h, w) of an opened image, resized, flipped: no draws."""
+        (top, left, h, w), (width, height) = box, img.size
         resample, out = INTERPOLATION[self.interpolation], (self.size, self.size)
         r = decode_reduction(width, height, w, h, self.size) if self.fast_decode else 1
         if r > 1:  # a no-op for other formats and for an image already decoded
@@ -666,26 +710,163 @@ class TrainTransform:
                                                       (top + h) / r))
         else:
             img = rgb(img).crop((left, top, left + w, top + h)).resize(out, resample)
-        if self.hflip > 0 and torch.rand(1) < self.hflip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.device_aug:
-            if self.trivial_augment:
-                ops = [trivial_augment_primitive(*trivial_augment_draw(), img.size)]
-            else:
-                ops = [rand_augment_primitive(name, m, img.size)
-                       for name, m in rand_augment_draws(self.rand_augment)]
-            return to_uint8(img), encode_ops(ops, 1 if self.trivial_augment
-                                             else self.rand_augment["n"])
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+
+    def draw_ops(self):
+        """--device-aug: this image's RandAugment / TrivialAugment ops (encode_ops), drawn as
+        rand_augment / trivial_augment draw them; None when the recipe has none."""
+        if not self.device_aug:
+            return None
+        size = (self.size, self.size)
         if self.trivial_augment:
-            img = trivial_augment(img, INTERPOLATION[self.interpolation], self.fill)
-        elif self.rand_augment:
-            img = rand_augment(img, self.rand_augment, self.fill,
-                               INTERPOLATION[self.interpolation])
-        return to_uint8(img)
+            return encode_ops([trivial_augment_primitive(*trivial_augment_draw(), size)], 1)
+        return encode_ops([rand_augment_primitive(name, m, size)
+                           for name, m in rand_augment_draws(self.rand_augment)],
+                          self.rand_augment["n"])
 
     def on_device(self, images, ops):
         """The ops sent with a device_aug batch, applied on the images' device."""
         return device_augment(images, ops, INTERPOLATION[self.interpolation], self.fill)
+
+    def decode_batch(self, batch, target, device, bad, skip_bad=True):
+        """--decode device: an EncodedBatch -> (uint8 NCHW on `device`, target). The JPEGs are
+        decoded in one call (nvJPEG on CUDA, libjpeg-turbo on a CPU); if that call fails, image
+        by image; an image the device cannot decode is decoded with Pillow from its bytes (same
+        crop and flip). One neither can read is replaced by another image of the batch, target
+        and all ("path: reason" appended to `bad`), or with skip_bad=False raises UserError."""
+        images = torch.empty((batch.n, 3, self.size, self.size), dtype=torch.uint8,
+                             device=device)
+        if len(batch.decoded):
+            images[batch.decoded.to(device)] = batch.pixels.to(device, non_blocking=True)
+        failed = []
+        for j, (img, why) in enumerate(decode_jpegs(batch.chunks(), device)):
+            box, flip = batch.boxes[j].tolist(), bool(batch.flips[j])
+            if img is not None and tuple(img.shape[1:]) != batch.shapes[j]:
+                img, why = None, f"decoded {tuple(img.shape[1:])}, header {batch.shapes[j]}"
+            try:
+                if img is None:
+                    with Image.open(io.BytesIO(batch.chunk(j).numpy().tobytes())) as opened:
+                        img = torch.from_numpy(np.array(self.render(opened, box, False)))
+                    img = img.permute(2, 0, 1).to(device)
+                    box = (0, 0, self.size, self.size)
+                images[batch.coded[j]] = resized_crop(img, box, self.size, self.interpolation,
+                                                      flip)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                failed.append(f"{batch.paths[j]}: {reason} (and on the device: {why})")
+        if failed:
+            if not skip_bad:
+                raise UserError(f"cannot read image {failed[0]}")
+            bad.extend(failed)
+            target = replace_unreadable(images, target, batch, failed)
+        return images, target
+
+
+def replace_unreadable(images, target, batch, failed):
+    """Each image of `failed` ("path: ...") replaced in `images` and `target` by the next
+    readable one of the batch (cyclically): the decode ran in the main process, after the
+    workers' choice of images, so the Pillow path's 'next file' is not at hand."""
+    lost = {p for p in batch.paths if any(f.startswith(f"{p}: ") for f in failed)}
+    lost = [int(batch.coded[j]) for j, p in enumerate(batch.paths) if p in lost]
+    good = [i for i in range(batch.n) if i not in set(lost)]
+    if not good:
+        raise UserError(f"no image of a batch can be read, e.g. {failed[0]}")
+    target = target.clone()
+    for i in lost:
+        src = next((g for g in good if g > i), good[0])
+        images[i], target[i] = images[src], target[src]
+    return target
+
+
+def device_decodable(img):
+    """Whether an opened file is a JPEG that nvJPEG decodes to the pixels Pillow would give:
+    baseline or extended Huffman, 3 channels (YCbCr). Progressive, CMYK / YCCK, grey and
+    arithmetic-coded JPEGs, and other formats, stay on the Pillow path."""
+    return (img.format == "JPEG" and img.mode == "RGB" and getattr(img, "filename", None)
+            and not img.info.get("progressive") and not img.info.get("progression")
+            and not getattr(img, "arithmetic", False) and img.fp is not None)
+
+
+Encoded = collections.namedtuple("Encoded", "data box flip pixels ops path shape")
+Encoded.__doc__ = """--decode device: one training image from a worker. `data` (the file's bytes,
+for the device) or `pixels` (uint8 HWC, done with Pillow); the crop box (top, left, h, w) and
+the flip drawn for it; its ops (encode_ops) or None; its path and (height, width)."""
+
+
+class EncodedBatch:
+    """--decode device: a batch of Encoded records, in one piece for the trip from a worker
+    (a tensor per file would be a shared-memory handle per file). coded / decoded: the batch
+    positions of the files to decode and of the images done with Pillow."""
+
+    def __init__(self, records):
+        self.n = len(records)
+        coded = [i for i, r in enumerate(records) if r.data is not None]
+        done = [i for i, r in enumerate(records) if r.data is None]
+        self.coded, self.decoded = torch.tensor(coded, dtype=torch.int64), torch.tensor(
+            done, dtype=torch.int64)
+        sizes = [len(records[i].data) for i in coded]
+        self.data = torch.from_numpy(np.concatenate([records[i].data for i in coded])
+                                     if coded else np.zeros(0, np.uint8))
+        self.offsets = np.cumsum([0] + sizes).tolist()
+        self.boxes = torch.tensor([records[i].box for i in coded],
+                                  dtype=torch.int64).reshape(-1, 4)
+        self.flips = torch.tensor([records[i].flip for i in coded], dtype=torch.bool)
+        self.shapes = [records[i].shape for i in coded]
+        self.paths = [records[i].path for i in coded]
+        self.pixels = (torch.from_numpy(np.stack([records[i].pixels for i in done])).permute(
+            0, 3, 1, 2) if done else torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+
+    def chunk(self, j):
+        return self.data[self.offsets[j]:self.offsets[j + 1]]
+
+    def chunks(self):
+        return [self.chunk(j) for j in range(len(self.paths))]
+
+    def pin_memory(self, device=None):  # DataLoader(pin_memory=True) calls it
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def decode_jpegs(chunks, device):
+    """[(uint8 CHW on `device`, None) or (None, reason)] for a list of JPEG byte tensors:
+    torchvision's decode_jpeg, in one batched call (nvJPEG on CUDA), image by image if it
+    fails (one bad file fails the whole batched call). torchvision 0.29 marks its decoders
+    deprecated in favour of TorchCodec; they are what the device machines' torch has."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if not chunks:
+        return []
+    if device.type == "cuda":
+        # nvJPEG's hardware decoder writes its outputs without waiting for work already queued
+        # on the stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634): a block the
+        # caching allocator just freed there could still be read. Drain the stream first.
+        torch.cuda.current_stream(device).synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return [(img, None) for img in decode_jpeg(chunks, mode=ImageReadMode.RGB,
+                                                       device=device)]
+        except RuntimeError:
+            out = []
+            for c in chunks:
+                try:
+                    out.append((decode_jpeg(c, mode=ImageReadMode.RGB, device=device), None))
+                except RuntimeError as e:  # "decode_jpeg, <source>:<line>, <reason>"
+                    out.append((None, str(e).splitlines()[0].rsplit(", ", 1)[-1] or "error"))
+            return out
+
+
+def resized_crop(img, box, size, interpolation, flip):
+    """uint8 CHW -> the crop box (top, left, h, w) resized to size x size, with antialiasing
+    (tv's Resize(antialias=True): Pillow's filters and supports), rounded to uint8, flipped.
+    Pillow rounds to uint8 between its horizontal and vertical passes, this does not: a pixel
+    differs by 0.2 on average (bench.py --decode device)."""
+    top, left, h, w = box
+    x = img[None, :, top:top + h, left:left + w].float()
+    if (h, w) != (size, size):
+        x = F.interpolate(x, (size, size), mode=interpolation, antialias=True,
+                          align_corners=False).round_().clamp_(0, 255)
+    x = x[0].to(torch.uint8)
+    return x.flip(-1) if flip else x
 
 
 class EvalTransform:
@@ -2162,11 +2343,13 @@ def make_loader(dataset, batch, workers, device, sampler, drop_last):
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
 
 
-def to_device(loader, device, augment=None, skipped=None):
+def to_device(loader, device, augment=None, skipped=None, decode=None):
     """The loader's batches on `device`, normalised. On CUDA, timm's PrefetchLoader: the next
-    batch is copied and normalised on a side stream while the current one trains. A batch that
-    comes with ops (--device-aug) is first augmented by `augment(images, ops)` there. The
-    images skipped for a batch are added to the list `skipped` when the batch is yielded."""
+    batch is copied and normalised on a side stream while the current one trains. An
+    EncodedBatch (--decode device) is first decoded there by `decode(images, target, device,
+    bad)`; a batch that comes with ops (--device-aug) is then augmented by `augment(images,
+    ops)`. The images skipped for a batch are added to the list `skipped` when the batch is
+    yielded."""
     stream = _side_stream(device) if device.type == "cuda" else None
 
     def load(batch):
@@ -2174,7 +2357,10 @@ def to_device(loader, device, augment=None, skipped=None):
         ops = [r for r in rest if torch.is_tensor(r)]
         bad = [p for r in rest if isinstance(r, list) for p in r]
         with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-            images = images.to(device, non_blocking=True)
+            if isinstance(images, EncodedBatch):
+                images, target = decode(images, target, device, bad)
+            else:
+                images = images.to(device, non_blocking=True)
             if ops:
                 images = augment(images, ops[0])
             images = normalize(images)
@@ -2731,7 +2917,7 @@ def make_data(run):
             f"{len(train_list[1])} classes, listed in {time.perf_counter() - t0:.1f} s")
     run.train_set = ImageFolder(root / "train", TrainTransform(
         recipe["train_size"], recipe["interpolation"], recipe["auto_augment"],
-        fast_decode=args.fast_decode, device_aug=args.device_aug),
+        fast_decode=args.fast_decode, device_aug=args.device_aug, decode=args.decode),
         skip_bad=args.bad_images == "skip", listing=train_list)
     val_set = ImageFolder(root / "val", EvalTransform(
         recipe["eval_size"], recipe["eval_resize"], recipe["interpolation"]), listing=val_list)
@@ -2884,8 +3070,10 @@ def train_epoch(run, epoch, first):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = progress_bar(run, epoch, first)
-    batches = timed(to_device(run.train_loader, device, run.train_set.transform.on_device,
-                              run.skipped), run.waited)
+    transform = run.train_set.transform
+    decode = functools.partial(transform.decode_batch, skip_bad=run.train_set.skip_bad)
+    batches = timed(to_device(run.train_loader, device, transform.on_device, run.skipped,
+                              decode), run.waited)
     for step, (images, target) in zip(range(first, run.steps), batches):
         loss, last_micro = train_step(run, images, target, epoch, step)
         finite = torch.isfinite(loss)
@@ -3295,6 +3483,11 @@ def run_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fast-decode", action="store_true", help="decode training JPEGs at 1/2, "
                    "1/4 or 1/8 scale where the crop stays at least the train size (faster; "
+                   "pixels differ slightly, see README Speed)")
+    p.add_argument("--decode", choices=("pillow", "device"), default="pillow",
+                   help="where training JPEGs are decoded: pillow, in the loader workers; "
+                   "device, where the model trains (nvJPEG on a GPU), the workers only read "
+                   "the files and draw the crops, flips and ops (implies --device-aug; "
                    "pixels differ slightly, see README Speed)")
     p.add_argument("--device-aug", action="store_true", help="apply RandAugment / "
                    "TrivialAugment to the batch on the device instead of in the workers (same "
