@@ -5,6 +5,8 @@ never in CI (README "Compared with the reference code" comes from it).
 
     python compare.py digits /tmp/digits          # the README's data (needs scikit-learn)
     python compare.py digits /tmp/digits-random --split random   # the same images, split at random
+    python compare.py digits /tmp/digits-jpeg --format jpeg      # as JPEGs, for --decode device
+    python compare.py a3 --data /tmp/digits-jpeg --reference-checkout . --ours-option=--decode=device
     python compare.py a3 --data /tmp/digits --reference ~/pytorch-image-models/train.py --seeds 8
     python compare.py tv --data /tmp/digits --reference ~/vision/references/classification/train.py
 
@@ -65,8 +67,9 @@ def digits_split(sizes, split):
     return [set(rng.permutation(n)[:int(0.8 * n)].tolist()) for n in sizes]
 
 
-def make_digits(root, size=32, split="fixed"):
-    """root/{train,val}/<digit>/<i>.png, 1,433 train and 364 val images. split "fixed": the
+def make_digits(root, size=32, split="fixed", fmt="png"):
+    """root/{train,val}/<digit>/<i>.png (fmt "jpeg": .jpg, baseline, quality 90, 4:2:0, what
+    --decode device is for), 1,433 train and 364 val images. split "fixed": the
     last ceil(20%) of each class (in the data set's order) is val, values rounded. "random":
     for each class in order 0..9, its indices shuffled by one numpy default_rng(0), the first
     int(0.8 n) train, the rest val, values truncated (docs/COMPARISONS.md has both)."""
@@ -85,9 +88,13 @@ def make_digits(root, size=32, split="fixed"):
             folder.mkdir(parents=True, exist_ok=True)
             pixels = image * (255 / 16)
             pixels = (pixels if split == "random" else pixels.round()).astype("uint8")
-            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert("RGB").save(
-                folder / f"{i:04d}.png")
-    counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "val")}
+            image = Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert("RGB")
+            if fmt == "jpeg":
+                image.save(folder / f"{i:04d}.jpg", quality=90)
+            else:
+                image.save(folder / f"{i:04d}.png")
+    suffix = ".jpg" if fmt == "jpeg" else ".png"
+    counts = {s: sum(1 for _ in (root / s).rglob("*" + suffix)) for s in ("train", "val")}
     print(f"{root}: {counts['train']} train, {counts['val']} val images, 10 classes, {size} px")
 
 
@@ -503,10 +510,12 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["digits"]:
-        split = argv[3] if len(argv) == 4 and argv[2] == "--split" else "fixed"
-        if len(argv) not in (2, 4) or split not in ("fixed", "random"):
-            sys.exit("usage: python compare.py digits DIR [--split fixed|random]")
-        return make_digits(argv[1], split=split)
+        d = argparse.ArgumentParser(prog="compare.py digits")
+        d.add_argument("dir")
+        d.add_argument("--split", choices=("fixed", "random"), default="fixed")
+        d.add_argument("--format", choices=("png", "jpeg"), default="png")
+        a = d.parse_args(argv[1:])
+        return make_digits(a.dir, split=a.split, fmt=a.format)
     if argv[:1] == ["tv-reference"]:
         return tv_reference(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -524,6 +533,9 @@ def main(argv=None):
                    help="the reference side's seeds first, first + stride, ... (default: "
                    "--seed-stride); 1000 for checkouts whose seeds share data orders one epoch "
                    "apart (seed + epoch, before 2026-11-27)")
+    p.add_argument("--ours-option", action="append", default=[], metavar="OPTION",
+                   help="a run option for our side only, e.g. --ours-option=--decode=device "
+                   "with --reference-checkout . to compare two ways of running one checkout")
     p.add_argument("--seeds", type=int, default=8, help="seeds a side: 0..N-1 (default 8)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seed-stride", type=int, default=1,
@@ -573,7 +585,9 @@ def main(argv=None):
               flush=True)
         mine = out / f"ours-seed{seed}"
         results["ours"].append(run_one(
-            "ours", our_command(script, args.data, seed, args.workers, mine, flags, amp), mine,
+            "ours", our_command(script, args.data, seed, args.workers, mine,
+                                flags + [x for o in args.ours_option for x in o.split("=", 1)],
+                                amp), mine,
             recipe["epochs"], args.threads, lambda o, log: our_rows(o)))
         theirs = out / f"reference-seed{ref_seed}"
         results["reference"].append(run_one(
