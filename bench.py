@@ -8,11 +8,13 @@ ratios hold on a noisy machine. timm and torchvision come from requirements-dev.
     python bench.py optim                         # 3. optimizer / EMA step time and agreement
     python bench.py host --files 200000           # 4. host memory, listing time (by hand)
     python bench.py pipeline --jpegs /imagenet/train/n01440764   # on real JPEGs
+    python bench.py decode --device cuda          # 5. --decode device on the GPU (by hand)
 
 Prints markdown tables; README's "Speed" section quotes them with the machine they ran on.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -71,21 +73,57 @@ def make_jpegs(folder, count, seed=0):
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        w, h = IMAGENET_SIZES[i % len(IMAGENET_SIZES)]
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        arr = np.zeros((h, w, 3), np.float32) + rng.uniform(40, 200, 3)
-        for _ in range(12):
-            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, 120)
-            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2)[..., None]
-            arr += rng.uniform(-100, 100, 3) * blob
-        small = rng.normal(0, 1, (h // 4 + 1, w // 4 + 1, 3)).astype(np.float32)
-        texture = np.asarray(Image.fromarray(((small + 4) * 32).clip(0, 255).astype(np.uint8))
-                             .resize((w, h), Image.BILINEAR), np.float32) - 128
-        arr += 1.2 * texture + rng.normal(0, 16, (h, w, 3))
         path = folder / f"{i:04d}.jpg"
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        photo_like(rng, *IMAGENET_SIZES[i % len(IMAGENET_SIZES)]).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+def photo_like(rng, w, h):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.zeros((h, w, 3), np.float32) + rng.uniform(40, 200, 3)
+    for _ in range(12):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, 120)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2)[..., None]
+        arr += rng.uniform(-100, 100, 3) * blob
+    small = rng.normal(0, 1, (h // 4 + 1, w // 4 + 1, 3)).astype(np.float32)
+    texture = np.asarray(Image.fromarray(((small + 4) * 32).clip(0, 255).astype(np.uint8))
+                         .resize((w, h), Image.BILINEAR), np.float32) - 128
+    arr += 1.2 * texture + rng.normal(0, 16, (h, w, 3))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def _write_photo(job):
+    path, i = job
+    photo_like(np.random.default_rng(i), *IMAGENET_SIZES[i % len(IMAGENET_SIZES)]).save(
+        path, quality=90)
+
+
+def make_jpeg_folder(root, classes, train_per_class, val_per_class, processes=None):
+    """root/{train,val}/<class>/<i>.jpg of photo-like ImageNet-sized JPEGs (one generator per
+    image, made in parallel): data for end-to-end input-pipeline runs (bench_gpu.py)."""
+    import multiprocessing
+    jobs = []
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = Path(root) / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            jobs += [(folder / f"{k:05d}.jpg", len(jobs) + k) for k in range(n)]
+    with multiprocessing.Pool(processes) as pool:
+        pool.map(_write_photo, jobs, chunksize=16)
+    return Path(root)
+
+
+def jpeg_source(args):
+    """(paths, description) of the JPEGs to measure on: --jpegs, or --images generated ones."""
+    if args.jpegs:
+        paths = sorted(p for p in Path(args.jpegs).rglob("*")
+                       if p.suffix.lower() in (".jpg", ".jpeg"))[:args.images]
+        if not paths:
+            raise SystemExit(f"no JPEG files under {args.jpegs}")
+        return paths, f"{len(paths)} JPEGs from {args.jpegs}"
+    paths = make_jpegs(Path(tempfile.mkdtemp(prefix="bench-jpegs-")), args.images)
+    return paths, f"{len(paths)} generated JPEGs"
 
 
 def pil_rgb(path):
@@ -226,17 +264,65 @@ def decode_deviation(paths, device, sizes=(224, 176, 160)):
     return out
 
 
+def bench_decode(args, device):
+    """--decode device, the half on the device: decode + crop + resize + flip img/s per train
+    size, without and with A3's ops, batches of --batch (default 256); the pixels against the
+    Pillow path; on CUDA the nvJPEG ordering check (nvjpeg_ordering)."""
+    paths, source = jpeg_source(args)
+    batch = min(args.batch or 256, len(paths))
+    print(f"## 5. --decode device on {device.type}: decode, crop, resize, flip (and ops), "
+          f"img/s\n\n{source}, batches of {batch}, median of {args.rounds} passes\n")
+    rows = []
+    for size in (160, 176, 224):
+        rates = []
+        for spec in (None, "rand-m6-mstd0.5-inc1"):
+            t = common.TrainTransform(size, "bicubic", spec, decode="device")
+            rates.append(decode_rate(t, ours_loader(t), paths, device, args.rounds, batch))
+        rows.append((size, f"{rates[0]:.0f}", f"{rates[1]:.0f}"))
+    table(("train px", "decode + crop img/s", "+ A3's RandAugment ops img/s"), rows)
+    decode_deviation(paths, device)
+    if device.type == "cuda":
+        found = nvjpeg_ordering(paths, device)
+        table(("decode", "iterations", "corrupted"),
+              [(k, v[1], v[0]) for k, v in found.items()])
+
+
+def nvjpeg_ordering(paths, device, iterations=40, n=4096):
+    """pytorch/vision#9606 on this GPU: with ~50 ms of work queued on the stream, image-sized
+    blocks that queued reductions still read are freed, then a batch is decoded; an iteration
+    is corrupted if a reduction comes out wrong (the decoder was handed, and wrote into, a
+    block still in use). {name: (corrupted, iterations)}, for torchvision's call as it is and
+    for common.decode_jpegs (which drains the stream first)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    chunks = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths[:32]]
+    shapes = [tuple(decode_jpeg(c, mode=ImageReadMode.RGB).shape) for c in chunks]
+    big = torch.randn(n, n, device=device) / n ** 0.5
+    out = {}
+    for name in ("torchvision decode_jpeg", "common.decode_jpegs"):
+        bad = 0
+        for _ in range(iterations):
+            blocks = [torch.full(shape, k % 200 + 1, dtype=torch.uint8, device=device)
+                      for k, shape in enumerate(shapes)]
+            x = big
+            for _ in range(8):
+                x = x @ big  # queued work ahead of the reductions
+            sums = [b.sum(dtype=torch.int64) for b in blocks]
+            want = [(k % 200 + 1) * math.prod(shape) for k, shape in enumerate(shapes)]
+            del blocks
+            if name.startswith("torchvision"):
+                decode_jpeg(chunks, mode=ImageReadMode.RGB, device=device)
+            else:
+                common.decode_jpegs(chunks, device)
+            bad += [int(v) for v in torch.stack(sums).tolist()] != want
+        out[name] = (bad, iterations)
+    print("nvJPEG ordering (pytorch/vision#9606): iterations whose queued reductions were "
+          "overwritten by the decoder\n")
+    return out
+
+
 def bench_pipeline(args, device):
     torch.set_num_threads(1)
-    if args.jpegs:
-        paths = sorted(p for p in Path(args.jpegs).rglob("*")
-                       if p.suffix.lower() in (".jpg", ".jpeg"))[:args.images]
-        if not paths:
-            raise SystemExit(f"no JPEG files under {args.jpegs}")
-        source = f"{len(paths)} JPEGs from {args.jpegs}"
-    else:
-        paths = make_jpegs(Path(tempfile.mkdtemp(prefix="bench-jpegs-")), args.images)
-        source = f"{len(paths)} generated JPEGs"
+    paths, source = jpeg_source(args)
     mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
     sizes = [Image.open(p).size for p in paths]
     mean_px = sum(w * h for w, h in sizes) / len(sizes)
@@ -642,7 +728,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="repetitions, in turn, median taken")
     p.add_argument("--recipe", default="a1", help="step: the recipe (a1, a2, a3)")
     p.add_argument("--model", help="step: default resnet18 on CPU, resnet50 on CUDA")
-    p.add_argument("--batch", type=int, help="step: default 32 on CPU, 256 on CUDA")
+    p.add_argument("--batch", type=int, help="step: default 32 on CPU, 256 on CUDA; decode: "
+                   "images per decoded batch (default 256)")
     p.add_argument("--size", type=int, help="step: default 128 px on CPU, 224 on CUDA")
     p.add_argument("--steps", type=int, help="timed steps per round")
     p.add_argument("--compile", action="store_true", help="step: torch.compile both models")
@@ -654,7 +741,7 @@ def main():
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     sections = args.sections or ["pipeline", "step", "optim"]
-    known = {"pipeline", "step", "optim", "host"}
+    known = {"pipeline", "step", "optim", "host", "decode"}
     if set(sections) - known:
         p.error(f"unknown section(s) {sorted(set(sections) - known)}")
     print(f"# bench.py, {time.strftime('%Y-%m-%d %H:%M')}\n\n{machine(device)}\n", flush=True)
@@ -666,6 +753,8 @@ def main():
         bench_optim(args, device)
     if "host" in sections:
         bench_host(args)
+    if "decode" in sections:
+        bench_decode(args, device)
 
 
 if __name__ == "__main__":

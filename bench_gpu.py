@@ -29,6 +29,11 @@ more (run afterwards, by name, if time is left):
   compile     train_eval with --compile
   step_compile  bench.py step with torch.compile
   torchrun    train_eval with --compile under torchrun on NCCL, 2 GPUs (skipped with fewer)
+  decode      bench.py decode: --decode device's decode + crop img/s on the GPU at 160, 176
+              and 224 px, its pixels against Pillow's, and the nvJPEG ordering check
+  pipelines   train_a3.py (ResNet-50, --size px) end to end on generated ImageNet-sized JPEGs
+              with each input pipeline: Pillow, Pillow + --device-aug, --decode device; the
+              train img/s and data wait of each
 timm comes from requirements-dev.txt. Nothing is downloaded: the data are generated.
 """
 import argparse
@@ -58,7 +63,12 @@ PARTS = {
     "compile": ("more", [200, 35]),
     "step_compile": ("more", [270]),
     "torchrun": ("more", [240, 45]),
+    "decode": ("more", [150]),
+    "pipelines": ("more", [40, 90, 90, 90]),  # the data, then one run per pipeline
 }
+# pipelines: train_a3.py end to end on ImageNet-sized JPEGs, one run per input pipeline
+PIPELINES = {"pillow": [], "pillow_device_aug": ["--device-aug"],
+             "decode_device": ["--decode", "device"]}
 SETUP = {"probe": 30, "data": 15}  # before any part; probe: a cold first `import torch`
 CORE_LIMIT = 360   # the first call's whole budget, seconds
 COMMAND_LIMIT = 600  # a lent machine's limit on one command
@@ -218,7 +228,8 @@ def runner(script, patch, out):
 def part_tests(args, work):
     code, text, secs = sh([sys.executable, "-m", "pytest", "-q", "-rs",
                            "tests/test_device_aug.py", "tests/test_speed_paths.py",
-                           "tests/test_gpu_paths.py", "-k", "cuda or sync or stream or amp"],
+                           "tests/test_gpu_paths.py", "tests/test_decode.py", "-k",
+                           "cuda or sync or stream or amp"],
                           timeout=PARTS["tests"][1][0])
     summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed)", line)]
     # on a GPU a skipped CUDA test is a failure: it did not run
@@ -352,6 +363,33 @@ def part_train_eval(args, work, data, name, gpus):
     return r
 
 
+def part_pipelines(args, work):
+    """Train img/s end to end per input pipeline. 2 epochs of --pipeline-images ImageNet-sized
+    JPEGs (bench.make_jpeg_folder) with the default loader workers (the cores); the second
+    epoch's train img/s is the figure (the first pays for cudnn's trials and worker start)."""
+    limits = PARTS["pipelines"][1]
+    data = work / "jpegs"
+    code, text, secs = sh([sys.executable, "-c", "import bench; bench.make_jpeg_folder("
+                           f"{str(data)!r}, 8, {args.pipeline_images // 8}, 8)"], limits[0])
+    result = dict(ok=code == 0, data_seconds=secs, images=args.pipeline_images, runs={})
+    if code != 0:
+        return dict(result, tail=tail(text))
+    for (name, extra), limit in zip(PIPELINES.items(), limits[1:]):
+        out = work / f"pipeline-{name}"
+        code, text, secs = sh([sys.executable, "train_a3.py", "--data", str(data), "--output",
+                               str(out), "--epochs", "2", *small_run(args, args.batch),
+                               "--workers", str(len(os.sched_getaffinity(0))), *extra], limit)
+        r = dict(ok=code == 0, seconds=secs, tail=None if code == 0 else tail(text))
+        if code == 0:
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            r.update(train_img_s=[row["train_img_s"] for row in rows],
+                     data_wait=[row.get("data_wait") for row in rows],
+                     bad_images=[row.get("bad_images") for row in rows])
+        result["runs"][name] = r
+    result["ok"] = all(r["ok"] for r in result["runs"].values())
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu.json", help="the JSON written (after every part)")
@@ -363,6 +401,10 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=160, help="train_eval and sync runs: image size")
     p.add_argument("--batch", type=int, default=128, help="train_eval runs")
     p.add_argument("--images", type=int, default=40, help="generated images per class (8)")
+    p.add_argument("--decode-images", type=int, default=256,
+                   help="decode: ImageNet-sized JPEGs generated for bench.py decode")
+    p.add_argument("--pipeline-images", type=int, default=8192,
+                   help="pipelines: ImageNet-sized JPEGs generated for the end-to-end runs")
     args = p.parse_args(argv)
     names = expand(args.parts)
     total = print_budget(names)
@@ -403,6 +445,10 @@ def main(argv=None):
             pipeline=lambda: part_bench("pipeline", [*dev, "--recipes", "a1", "tv", "--images",
                                                      "200", "--rounds", "1"],
                                         PARTS["pipeline"][1][0]),
+            decode=lambda: part_bench("decode", [*dev, "--images", str(args.decode_images),
+                                                 "--rounds", "3"],
+                                      PARTS["decode"][1][0]),
+            pipelines=lambda: part_pipelines(args, work),
             **{name: (lambda name=name: part_train_eval(args, work, data, name,
                                                         len(found["gpus"])))
                for name in TRAIN_EVAL})

@@ -2905,7 +2905,10 @@ def make_data(run):
         run.log(f"{args.workers} loader worker(s) per process{chosen}: at about 230-340 "
                 f"ResNet-50 img/s each (README Speed) they feed up to ~{230 * args.workers:,}-"
                 f"{340 * args.workers:,} img/s per process; --workers to change")
-    if args.device_aug and run.device.type != "cuda":
+    if args.decode == "device" and run.device.type != "cuda":
+        run.log(f"note: --decode device on {run.device.type} decodes in the main process, "
+                "slower than the workers; it is meant for GPUs")
+    elif args.device_aug and run.device.type != "cuda":
         run.log(f"note: --device-aug on {run.device.type} runs the augmentation in the main "
                 "process, slower than in the workers; it is meant for GPUs")
     root, t0 = Path(args.data), time.perf_counter()

@@ -29,11 +29,14 @@ def rows(out, first):
 def test_bench_pipeline_runs():
     out = bench("pipeline", "--images", "3", "--rounds", "1", "--recipes", "a3", "tv")
     a3, tv = rows(out, "a3"), rows(out, "tv")
-    assert len(a3) == len(tv) == 2  # train and eval rows
+    assert len(a3) == len(tv) == 3  # train and eval rows, then the --decode device row
     assert "timm create_transform" in a3[0] and "torchvision preset" in tv[0]
-    assert all(re.search(r"\| \d+ \| \d+ \| \d+\.\d\d \|", r) for r in a3 + tv)
+    assert all(re.search(r"\| \d+ \| \d+ \| \d+\.\d\d \|", r) for r in a3[:2] + tv[:2])
     # train rows: --fast-decode, --device-aug, both, then the device half of --device-aug
     assert all(re.search(r"(\| \d+ \| \d+\.\d\d ){3}\| \d+ \|$", r) for r in (a3[0], tv[0]))
+    # --decode device: reference, worker img/s, ratio, then its device half
+    assert all(re.fullmatch(r"\| \w+ \| \d+ \| \d+ \| \d+ \| \d+\.\d \| \d+ \|", r)
+               for r in (a3[2], tv[2])), (a3[2], tv[2])
     assert rows(out, "224") and rows(out, "128")  # the --fast-decode pixel table
 
 
@@ -87,6 +90,27 @@ def test_bench_gpu_plumbing_runs_on_the_cpu(tmp_path):
         assert (r["eval_amp_dtype"], r["eval_batch"], r["tolerance_images"]) == ("off", 16, 0)
         assert r["images"] == 32 and r["differs_by_images"] == 0
     assert report["parts"]["torchrun"] == dict(ok=None, skipped="needs 2 GPUs, found 0")
+
+
+def test_bench_gpu_decode_parts_run_on_the_cpu(tmp_path):
+    """The --decode device parts: bench.py decode's tables, and the end-to-end runs of the three
+    input pipelines, each with its train img/s (tiny sizes; the numbers are not checked)."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "bench_gpu.py"), "--out", str(out),
+                          "--parts", "decode", "pipelines", "--device", "cpu", "--model",
+                          "resnet18", "--size", "32", "--batch", "8", "--decode-images", "8",
+                          "--pipeline-images", "32"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["decode"]["ok"], parts["decode"]
+    cells = parts["decode"]["tables"]
+    assert [r[0] for r in cells if r[0] in ("160", "176", "224")][:3] == ["160", "176", "224"]
+    runs = parts["pipelines"]["runs"]
+    assert parts["pipelines"]["ok"] and set(runs) == {"pillow", "pillow_device_aug",
+                                                       "decode_device"}, parts["pipelines"]
+    assert all(len(r["train_img_s"]) == 2 and r["bad_images"] == [0, 0] for r in runs.values())
 
 
 def test_bench_gpu_core_budget_fits_the_first_call():
