@@ -740,20 +740,20 @@ class TrainTransform:
             images[batch.decoded.to(device)] = batch.pixels.to(device, non_blocking=True)
         failed = []
         for j, (img, why) in enumerate(decode_jpegs(batch.chunks(), device)):
-            box, flip = batch.boxes[j].tolist(), bool(batch.flips[j])
+            box, i = batch.boxes[j].tolist(), int(batch.coded[j])
             if img is not None and tuple(img.shape[1:]) != batch.shapes[j]:
                 img, why = None, f"decoded {tuple(img.shape[1:])}, header {batch.shapes[j]}"
             try:
                 if img is None:
                     with Image.open(io.BytesIO(batch.chunk(j).numpy().tobytes())) as opened:
                         img = torch.from_numpy(np.array(self.render(opened, box, False)))
-                    img = img.permute(2, 0, 1).to(device)
-                    box = (0, 0, self.size, self.size)
-                images[batch.coded[j]] = resized_crop(img, box, self.size, self.interpolation,
-                                                      flip)
+                    img, box = img.permute(2, 0, 1).to(device), (0, 0, self.size, self.size)
+                images[i] = resized_crop(img, box, self.size, self.interpolation)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 failed.append(f"{batch.paths[j]}: {reason} (and on the device: {why})")
+        flipped = batch.coded[batch.flips].to(device, non_blocking=True)
+        images[flipped] = images[flipped].flip(-1)
         if failed:
             if not skip_bad:
                 raise UserError(f"cannot read image {failed[0]}")
@@ -855,18 +855,17 @@ def decode_jpegs(chunks, device):
             return out
 
 
-def resized_crop(img, box, size, interpolation, flip):
-    """uint8 CHW -> the crop box (top, left, h, w) resized to size x size, with antialiasing
-    (tv's Resize(antialias=True): Pillow's filters and supports), rounded to uint8, flipped.
-    Pillow rounds to uint8 between its horizontal and vertical passes, this does not: a pixel
-    differs by 0.2 on average (bench.py --decode device)."""
+def resized_crop(img, box, size, interpolation):
+    """uint8 CHW -> float CHW: the crop box (top, left, h, w) resized to size x size, with
+    antialiasing (tv's Resize(antialias=True): Pillow's filters and supports), rounded and
+    clamped to 0-255. Pillow rounds to uint8 between its horizontal and vertical passes, this
+    does not: a pixel differs by about 0.2 grey levels on average (bench.py decode)."""
     top, left, h, w = box
     x = img[None, :, top:top + h, left:left + w].float()
     if (h, w) != (size, size):
         x = F.interpolate(x, (size, size), mode=interpolation, antialias=True,
-                          align_corners=False).round_().clamp_(0, 255)
-    x = x[0].to(torch.uint8)
-    return x.flip(-1) if flip else x
+                          align_corners=False)
+    return x[0].round_().clamp_(0, 255)
 
 
 class EvalTransform:
