@@ -779,12 +779,13 @@ def replace_unreadable(images, target, batch, failed):
 
 
 def device_decodable(img):
-    """Whether an opened file is a JPEG that nvJPEG decodes to the pixels Pillow would give:
-    baseline or extended Huffman, 3 channels (YCbCr). Progressive, CMYK / YCCK, grey and
-    arithmetic-coded JPEGs, and other formats, stay on the Pillow path."""
-    return (img.format == "JPEG" and img.mode == "RGB" and getattr(img, "filename", None)
-            and not img.info.get("progressive") and not img.info.get("progression")
-            and not getattr(img, "arithmetic", False) and img.fp is not None)
+    """Whether an opened file goes to the device decoder: a sequential JPEG with 3 channels
+    (YCbCr), opened from a path. Progressive, CMYK / YCCK and grey JPEGs and other formats stay
+    on the Pillow path; a JPEG the device still refuses (arithmetic coding, say) falls back to
+    Pillow in decode_batch."""
+    return bool(img.format == "JPEG" and img.mode == "RGB" and getattr(img, "filename", None)
+                and not img.info.get("progressive") and not img.info.get("progression")
+                and img.fp is not None)
 
 
 Encoded = collections.namedtuple("Encoded", "data box flip pixels ops path shape")
