@@ -27,6 +27,8 @@ RECIPES = {  # what each recipe brings: a3 RandAugment + Mixup/CutMix; b LR nois
     "a3": ("train_a3.py", []),
     "b": ("train_b.py", ["--ema-decay", "0.9"]),
     "tv": ("train_tv.py", ["--ema-every", "2", "--ema-decay", "0.99"]),
+    # the JPEGs decoded in the main process: the workers' draws alone must carry the state
+    "a3-decode-device": ("train_a3.py", ["--decode", "device"]),
 }
 # measurements of the machine, not of the run: they differ between any two runs
 TIMING = ("train_img_s", "epoch_s", "data_wait", "peak_rss_gb", "peak_mem_gb")
