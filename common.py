@@ -751,26 +751,26 @@ class TrainTransform:
                 images[i] = resized_crop(img, box, self.size, self.interpolation)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                failed.append(f"{batch.paths[j]}: {reason} (and on the device: {why})")
+                failed.append((i, f"{batch.paths[j]}: {reason} (and on the device: {why})"))
         flipped = batch.coded[batch.flips].to(device, non_blocking=True)
         images[flipped] = images[flipped].flip(-1)
         if failed:
             if not skip_bad:
-                raise UserError(f"cannot read image {failed[0]}")
-            bad.extend(failed)
-            target = replace_unreadable(images, target, batch, failed)
+                raise UserError(f"cannot read image {failed[0][1]}")
+            bad.extend(message for _, message in failed)
+            target = replace_unreadable(images, target, failed)
         return images, target
 
 
-def replace_unreadable(images, target, batch, failed):
-    """Each image of `failed` ("path: ...") replaced in `images` and `target` by the next
-    readable one of the batch (cyclically): the decode ran in the main process, after the
-    workers' choice of images, so the Pillow path's 'next file' is not at hand."""
-    lost = {p for p in batch.paths if any(f.startswith(f"{p}: ") for f in failed)}
-    lost = [int(batch.coded[j]) for j, p in enumerate(batch.paths) if p in lost]
-    good = [i for i in range(batch.n) if i not in set(lost)]
+def replace_unreadable(images, target, failed):
+    """The images at the batch positions of `failed` [(position, "path: reason")] replaced, in
+    `images` and `target`, by the next readable one of the batch (cyclically): the decode ran
+    in the main process, after the workers' choice of files, so the Pillow path's 'next file'
+    is not at hand."""
+    lost = [i for i, _ in failed]
+    good = [i for i in range(len(images)) if i not in set(lost)]
     if not good:
-        raise UserError(f"no image of a batch can be read, e.g. {failed[0]}")
+        raise UserError(f"no image of a batch can be read: {failed[0][1]}")
     target = target.clone()
     for i in lost:
         src = next((g for g in good if g > i), good[0])

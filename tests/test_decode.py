@@ -165,6 +165,15 @@ def test_an_unreadable_image_is_replaced_within_the_batch(photos, tmp_path):
         load(t, batch(root, t, keys), skip_bad=False)
 
 
+def test_replacement_is_the_next_readable_image_cyclically():
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).repeat(1, 3, 2, 2)
+    target = torch.tensor([10, 11, 12, 13, 14])
+    got = common.replace_unreadable(images, target, [(1, "b"), (2, "c"), (4, "e")])
+    assert images[:, 0, 0, 0].tolist() == [0, 3, 3, 3, 0] and got.tolist() == [10, 13, 13, 13, 10]
+    with pytest.raises(common.UserError, match="no image of a batch can be read: a"):
+        common.replace_unreadable(images[:1], target[:1], [(0, "a")])
+
+
 def test_the_device_failing_an_image_falls_back_to_pillow(photos, monkeypatch):
     """An image the device decoder refuses (here: told to) fails the batched call; retried
     alone it fails again and is decoded by Pillow with the same crop and flip; the others
