@@ -828,32 +828,51 @@ class EncodedBatch:
         return self
 
 
-def decode_jpegs(chunks, device):
-    """[(uint8 CHW on `device`, None) or (None, reason)] for a list of JPEG byte tensors:
-    torchvision's decode_jpeg, in one batched call (nvJPEG on CUDA), image by image if it
-    fails (one bad file fails the whole batched call). torchvision 0.29 marks its decoders
-    deprecated in favour of TorchCodec; they are what the device machines' torch has."""
+@functools.lru_cache(maxsize=1)
+def jpeg_decoder():
+    """(name, decode(data, device)): TorchCodec's decode_jpeg where it is installed (torchvision
+    0.29 deprecates its own decoders for it), else torchvision's; both take a 1-D uint8 CPU
+    tensor or a list of them, give uint8 RGB CHW, decode a list on CUDA in one nvJPEG call and
+    give libjpeg-turbo's pixels on a CPU (the same as Pillow's)."""
+    try:
+        import torchcodec
+        from torchcodec.decoders import decode_jpeg
+        return (f"torchcodec {torchcodec.__version__}",
+                lambda data, device: decode_jpeg(data, mode="RGB", device=device))
+    except (ImportError, OSError, RuntimeError):  # not installed, or its libraries missing
+        pass
+    import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data, device):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return f"torchvision {torchvision.__version__}", decode
+
+
+def decode_jpegs(chunks, device):
+    """[(uint8 CHW on `device`, None) or (None, reason)] for a list of JPEG byte tensors: one
+    batched call (nvJPEG on CUDA), image by image if it fails (one bad file fails the whole
+    batched call)."""
     if not chunks:
         return []
+    _, decode = jpeg_decoder()
     if device.type == "cuda":
         # nvJPEG's hardware decoder writes its outputs without waiting for work already queued
         # on the stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634): a block the
         # caching allocator just freed there could still be read. Drain the stream first.
         torch.cuda.current_stream(device).synchronize()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            return [(img, None) for img in decode_jpeg(chunks, mode=ImageReadMode.RGB,
-                                                       device=device)]
-        except RuntimeError:
-            out = []
-            for c in chunks:
-                try:
-                    out.append((decode_jpeg(c, mode=ImageReadMode.RGB, device=device), None))
-                except RuntimeError as e:  # "decode_jpeg, <source>:<line>, <reason>"
-                    out.append((None, str(e).splitlines()[0].rsplit(", ", 1)[-1] or "error"))
-            return out
+    try:
+        return [(img, None) for img in decode(chunks, device)]
+    except RuntimeError:
+        out = []
+        for c in chunks:
+            try:
+                out.append((decode(c, device), None))
+            except RuntimeError as e:  # "decode_jpeg, <source>:<line>, <reason>"
+                out.append((None, str(e).splitlines()[0].rsplit(", ", 1)[-1] or "error"))
+        return out
 
 
 def resized_crop(img, box, size, interpolation):
@@ -2905,9 +2924,11 @@ def make_data(run):
         run.log(f"{args.workers} loader worker(s) per process{chosen}: at about 230-340 "
                 f"ResNet-50 img/s each (README Speed) they feed up to ~{230 * args.workers:,}-"
                 f"{340 * args.workers:,} img/s per process; --workers to change")
-    if args.decode == "device" and run.device.type != "cuda":
-        run.log(f"note: --decode device on {run.device.type} decodes in the main process, "
-                "slower than the workers; it is meant for GPUs")
+    if args.decode == "device":
+        run.log(f"--decode device: JPEGs decoded on {run.device.type} with "
+                f"{jpeg_decoder()[0]}" + ("" if run.device.type == "cuda" else
+                                          ", in the main process, slower than the workers: "
+                                          "it is meant for GPUs"))
     elif args.device_aug and run.device.type != "cuda":
         run.log(f"note: --device-aug on {run.device.type} runs the augmentation in the main "
                 "process, slower than in the workers; it is meant for GPUs")

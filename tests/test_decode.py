@@ -8,7 +8,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-import torchvision.io
 from PIL import Image
 
 import common
@@ -183,16 +182,16 @@ def test_the_device_failing_an_image_falls_back_to_pillow(photos, monkeypatch):
     b = batch(photos, t, keys)
     expect, _ = load(t, b)
     refused = b[0].chunk(5)
-    real = torchvision.io.decode_jpeg
+    name, real = common.jpeg_decoder()
     calls = []
 
-    def decoder(data, **kw):
+    def decoder(data, device):
         calls.append(len(data) if isinstance(data, list) else 1)
         parts = data if isinstance(data, list) else [data]
         if any(p.data_ptr() == refused.data_ptr() for p in parts):
             raise RuntimeError("nvjpeg: unsupported (test)")
-        return real(data, **kw)
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", decoder)
+        return real(data, device)
+    monkeypatch.setattr(common, "jpeg_decoder", lambda: (name, decoder))
     skipped = []
     got, _ = load(t, b, skipped=skipped)
     assert calls == [12] + [1] * 12 and not skipped
@@ -210,8 +209,8 @@ def test_the_stream_is_drained_before_a_cuda_decode(monkeypatch):
         def synchronize(self):
             events.append("synchronize")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torchvision.io, "decode_jpeg",
-                        lambda data, **kw: events.append(("decode", kw["device"])) or data)
+    monkeypatch.setattr(common, "jpeg_decoder", lambda: (
+        "test", lambda data, device: events.append(("decode", device)) or data))
     common.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda"))
     assert events == ["synchronize", ("decode", torch.device("cuda"))]
 
@@ -232,6 +231,17 @@ def test_workers_send_encoded_batches(photos):
     assert len(got) == 3
     for (x, y), (x2, y2) in zip(got, expect):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_the_decoder_gives_pillows_pixels_on_the_cpu(photos):
+    """TorchCodec's decode_jpeg where installed, else torchvision's: on a CPU both are
+    libjpeg-turbo, and give Pillow's pixels exactly (so on a CPU only the resize differs)."""
+    name, decode = common.jpeg_decoder()
+    assert name.split()[0] in ("torchcodec", "torchvision")
+    files = sorted(photos.rglob("*.jpg"))[:4]
+    chunks = [torch.from_numpy(np.fromfile(f, dtype=np.uint8)) for f in files]
+    for f, img in zip(files, decode(chunks, CPU)):
+        assert torch.equal(img, torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1))
 
 
 def test_options_that_do_not_combine():
