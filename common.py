@@ -782,10 +782,11 @@ def device_decodable(img):
     """Whether an opened file goes to the device decoder: a sequential JPEG with 3 channels
     (YCbCr), opened from a path. Progressive, CMYK / YCCK and grey JPEGs and other formats stay
     on the Pillow path; a JPEG the device still refuses (arithmetic coding, say) falls back to
-    Pillow in decode_batch."""
+    Pillow in decode_batch. An Adobe marker saying the 3 channels are RGB, not YCbCr
+    (transform 0), stays with Pillow too: libjpeg honours it, a GPU decoder may not."""
     return bool(img.format == "JPEG" and img.mode == "RGB" and getattr(img, "filename", None)
                 and not img.info.get("progressive") and not img.info.get("progression")
-                and img.fp is not None)
+                and img.info.get("adobe_transform", 1) != 0 and img.fp is not None)
 
 
 Encoded = collections.namedtuple("Encoded", "data box flip pixels ops path shape")

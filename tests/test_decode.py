@@ -112,7 +112,8 @@ def test_pixels_with_ops_are_the_same_ops(photos):
 
 
 def test_files_the_device_does_not_decode_take_the_pillow_path(tmp_path):
-    """Progressive, CMYK, grey JPEGs, PNGs (8 and 16 bit) are done by Pillow in the worker:
+    """Progressive, CMYK, grey JPEGs, a JPEG whose Adobe marker says RGB, PNGs (8 and 16 bit)
+    are done by Pillow in the worker:
     in the batch they equal the Pillow path's to the grey level; the baseline JPEG is sent
     as bytes."""
     root = tmp_path / "train"
@@ -124,12 +125,16 @@ def test_files_the_device_does_not_decode_take_the_pillow_path(tmp_path):
     write(root, "b/4.png", img)
     grey16 = (np.asarray(img.convert("L")).astype(np.uint16) * 257)
     write(root, "b/5-16bit.png", Image.fromarray(grey16))
-    keys = [(i, 3) for i in range(6)]
+    jpeg = (root / "a/0-baseline.jpg").read_bytes()  # an Adobe APP14 marker: transform 0, RGB
+    adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+    (root / "b/6-adobe-rgb.jpg").write_bytes(jpeg[:2] + adobe + jpeg[2:])
+    assert Image.open(root / "b/6-adobe-rgb.jpg").info["adobe_transform"] == 0
+    keys = [(i, 3) for i in range(7)]
     spec = "rand-m7-mstd0.5-inc1"
     t_p = common.TrainTransform(32, "bicubic", spec, device_aug=True)
     t_d = common.TrainTransform(32, "bicubic", spec, decode="device")
     b = batch(root, t_d, keys)
-    assert b[0].coded.tolist() == [0] and b[0].decoded.tolist() == [1, 2, 3, 4, 5]
+    assert b[0].coded.tolist() == [0] and b[0].decoded.tolist() == [1, 2, 3, 4, 5, 6]
     x_p, _ = load(t_p, batch(root, t_p, keys))
     x_d, _ = load(t_d, b)
     assert torch.equal(x_p[1:], x_d[1:])
